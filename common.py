@@ -1,0 +1,245 @@
+"""
+Pieces every script shares: config overrides, clear errors, atomic writes, progress lines,
+checkpoint I/O, device and DDP set-up, the learning-rate schedule and model loading.
+"""
+import ast
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# -----------------------------------------------------------------------------
+# errors and files
+
+def die(msg):
+    """One clear line and exit code 2: for mistakes the user can fix (never a traceback)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; rename over `path` only if the block succeeds,
+    so a crash (or SIGKILL) never leaves a half-written file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Progress:
+    """A progress line on stderr with rate and ETA: rewritten in place on a terminal,
+    printed at most every `every` seconds otherwise (logs stay short)."""
+
+    def __init__(self, total, desc, unit="", every=5.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.n, self.t0, self.last = 0, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n=1, force=False):
+        self.n += n
+        now = time.time()
+        if not force and now - self.last < (0.2 if self.tty else self.every):
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        rate = self.n / dt
+        line = f"{self.desc}: {fmt_num(self.n)}{self.unit}"
+        if self.total:
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            line += f"/{fmt_num(self.total)}{self.unit} ({100 * self.n / self.total:.0f}%), ETA {fmt_time(eta)}"
+        line += f", {fmt_num(rate)}{self.unit}/s"
+        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        self.update(0, force=True)
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def fmt_num(x):
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def fmt_time(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+# -----------------------------------------------------------------------------
+# config: module-level variables overridden by config files and --key=value
+
+CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
+
+
+def config_keys(g):
+    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
+
+
+def configure(g, argv=None):
+    """nanoGPT's configurator as a function: `python x.py config/y.py --key=value`.
+    Overrides are applied to the dict `g` (the script's globals) and the config is returned."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = config_keys(g)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                die(f"config file '{arg}' not found (arguments are config/x.py files or --key=value)")
+            file_vars = {}
+            try:
+                exec(compile(Path(arg).read_text(), arg, "exec"), {}, file_vars)
+            except Exception as e:
+                die(f"config file '{arg}' failed to run: {type(e).__name__}: {e}")
+            for k, v in file_vars.items():
+                if not k.startswith("_") and isinstance(v, CONFIG_TYPES):
+                    set_key(g, keys, k, v, source=arg)
+            continue
+        if "=" not in arg:
+            die(f"argument '{arg}' should look like --key=value")
+        k, raw = arg[2:].split("=", 1)
+        try:
+            v = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            v = raw  # a bare string such as --device=cpu
+        set_key(g, keys, k, v, source=arg)
+    return {k: g[k] for k in keys}
+
+
+def set_key(g, keys, k, v, source):
+    if k not in keys:
+        near = [x for x in keys if x.split("_")[0] == k.split("_")[0]][:5]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        die(f"unknown config key '{k}' in {source}{hint}; valid keys: {', '.join(sorted(keys))}")
+    old = g[k]
+    if old is not None and v is not None:
+        if isinstance(old, bool) != isinstance(v, bool):
+            die(f"{source}: '{k}' must be True or False, got {v!r}")
+        if isinstance(old, float) and isinstance(v, int):
+            v = float(v)
+        elif isinstance(old, (tuple, list)) and isinstance(v, (tuple, list)):
+            v = type(old)(v)
+        elif type(old) is not type(v):
+            die(f"{source}: '{k}' must be of type {type(old).__name__} like its default {old!r}, got {v!r}")
+    g[k] = v
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(obj, path):
+    """torch.save to a temp file, then rename: killing the process mid-write leaves the
+    previous checkpoint intact and loadable."""
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}: train one first (python train.py --out_dir={path.parent}) or fix --out_dir")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        die(f"checkpoint {path} is corrupt or not a checkpoint of this project ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}); delete it and train again")
+
+
+def load_model(init_from, out_dir, device="cpu"):
+    """The model and tokenizer any script starts from: init_from='resume' reads out_dir/ckpt.pt,
+    'gpt2'/'gpt2-medium'/... the official weights, anything else a directory in Hugging Face layout.
+    Returns (model, checkpoint or None, tokenizer)."""
+    import model as M
+    import tokenizer as T
+    if init_from == "resume":
+        ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", map_location=device)
+        model = M.GPT(M.GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        tok = load_tokenizer(ckpt["tokenizer"])
+    else:
+        ckpt = None
+        if init_from.startswith("gpt2") and not os.path.isdir(init_from):
+            model = M.from_pretrained(init_from)
+        elif os.path.isdir(init_from):
+            model = M.load_hf(init_from)
+        else:
+            die(f"init_from='{init_from}' is neither 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
+                f"nor a directory in Hugging Face layout")
+        tok = T.get_tokenizer("gpt2")
+    if tok.n_vocab > model.config.vocab_size:
+        die(f"tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}: "
+            f"they do not belong together (check init_from / out_dir)")
+    return model.to(device), ckpt, tok
+
+
+def tokenizer_spec(tok, path=None):
+    """How a checkpoint records its tokenizer: a kind, plus the directory of a trained one."""
+    return {"kind": tok.kind, "path": str(path) if path else None}
+
+
+def load_tokenizer(spec):
+    import tokenizer as T
+    if spec["kind"] == "bpe":
+        return T.load(spec["path"])
+    return T.get_tokenizer(spec["kind"], spec.get("path"))
+
+# -----------------------------------------------------------------------------
+# devices, DDP, schedule
+
+def pick_device(device="auto"):
+    import torch
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            die(f"device='{device}' but CUDA is not available here; use --device=cpu (or auto)")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_ddp(device="auto"):
+    """Under torchrun: init the process group (nccl on CUDA, gloo on CPU) and pin this rank's
+    device. Returns (ddp, rank, local_rank, world_size, device)."""
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, pick_device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = pick_device(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, local_rank, world_size, device
+
+
+def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters, schedule="cosine", cooldown_frac=0.2):
+    """Linear warmup, then cosine to min_lr at decay_iters ('cosine'), or hold and decay linearly
+    over the last cooldown_frac of decay_iters ('wsd': warmup-stable-decay)."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= decay_iters:
+        return min_lr
+    if schedule == "wsd":
+        cooldown_start = decay_iters - int(cooldown_frac * decay_iters)
+        if step < cooldown_start:
+            return learning_rate
+        frac = (step - cooldown_start) / max(1, decay_iters - cooldown_start)
+        return learning_rate + frac * (min_lr - learning_rate)
+    frac = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (learning_rate - min_lr)

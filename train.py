@@ -1,0 +1,323 @@
+"""
+Pretrain a GPT on token shards from prepare.py: one CPU or GPU, or many with torchrun.
+
+    python train.py                                   # the default: a small Llama-style model on pydocs, CPU ok
+    python train.py config/shakespeare_char.py --max_iters=500
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+"""
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import Progress, configure, die, fmt_time, get_lr, load_checkpoint, save_checkpoint, setup_ddp, tokenizer_spec
+import prepare
+
+# -----------------------------------------------------------------------------
+# default config: a small Llama-style model on the embedded pydocs corpus, ~5 minutes on a 2-core CPU
+# I/O
+out_dir = "out"
+eval_interval = 100        # evaluate, log val loss and save a checkpoint every this many steps
+log_interval = 10
+eval_iters = 20            # batches per split for each evaluation
+eval_only = False
+always_save_checkpoint = True   # False: save only when val loss improves
+init_from = "scratch"      # 'scratch' | 'resume' (out_dir/ckpt.pt) | 'gpt2'... | a Hugging Face directory
+sample_at_end = True       # print a short sample when training finishes
+# logging
+wandb_log = False          # only when wandb is installed
+wandb_project = "fromscratch"
+wandb_run_name = "run"
+# data
+dataset = "pydocs"         # a name prepare.py knows; prepared automatically when missing
+data_root = "data"
+tokenizer = "bpe"          # 'bpe' (trained here) | 'gpt2' | 'byte'; used when the data is prepared
+vocab_size = 4096          # for a bpe tokenizer trained by prepare.py
+input = ""                 # for dataset='local': a file or folder
+total_batch_size = 16384   # tokens per optimizer step, all ranks and micro-steps together
+batch_size = 32            # sequences per micro-step per rank
+block_size = 256
+# model (Llama style by default; GPT-2 style is norm='layernorm', pos='learned', mlp='gelu', bias=True)
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+n_embd = 256
+dropout = 0.0
+bias = False
+norm = "rmsnorm"
+pos = "rope"
+rope_theta = 10000.0
+mlp = "swiglu"
+tie_embeddings = True
+pad_vocab = 64             # round the embedding table up to a multiple of this (faster matmuls on GPU)
+# optimizer and schedule
+learning_rate = 3e-3
+max_iters = 1200
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0            # 0 disables
+lr_schedule = "cosine"     # 'cosine' | 'wsd' (warmup-stable-decay)
+warmup_iters = 50
+lr_decay_iters = 0         # 0: same as max_iters
+min_lr = 3e-4
+cooldown_frac = 0.2        # wsd only: the share of steps spent decaying
+# system
+device = "auto"            # 'auto' picks cuda, then mps, then cpu
+dtype = "auto"             # 'auto': bfloat16 on CUDA, float32 elsewhere (bf16 matmuls are very slow on CPU)
+compile = None             # None: on for CUDA, off elsewhere
+seed = 1337
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+for k in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "total_batch_size",
+          "n_layer", "n_head", "n_embd", "max_iters"):
+    if config[k] <= 0 and not (k == "max_iters" and config[k] == 0):
+        die(f"{k} must be positive, got {config[k]}")
+if lr_schedule not in ("cosine", "wsd"):
+    die(f"lr_schedule must be 'cosine' or 'wsd', got '{lr_schedule}'")
+if dtype not in ("auto", "float32", "bfloat16", "float16"):
+    die(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+
+ddp, rank, local_rank, world_size, device = setup_ddp(device)
+master = rank == 0
+device_type = device.split(":")[0]
+tokens_per_micro = batch_size * block_size * world_size
+if total_batch_size % tokens_per_micro:
+    die(f"total_batch_size={total_batch_size} must be a multiple of batch_size*block_size*world_size="
+        f"{tokens_per_micro}")
+grad_accum = total_batch_size // tokens_per_micro
+lr_decay_iters = lr_decay_iters or max_iters
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if compile is None:
+    compile = device_type == "cuda"
+torch.manual_seed(seed + rank)  # dropout differs per rank; the data order below does not
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+autocast = (nullcontext() if dtype == "float32" else
+            torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
+out = Path(out_dir)
+ckpt_path = out / "ckpt.pt"
+if init_from == "scratch" and ckpt_path.exists() and not eval_only:
+    die(f"{ckpt_path} already exists: continue it with --init_from=resume, or train into another --out_dir")
+
+# -----------------------------------------------------------------------------
+# data: memory-mapped shards, random windows. Every rank draws the same global batch of window
+# offsets from one generator and takes its own rows, so N ranks see exactly what 1 process would.
+
+if master:
+    data_dir = prepare.prepare(dataset=dataset, data_root=data_root, tokenizer=tokenizer,
+                               vocab_size=vocab_size, input=input)
+if ddp:
+    torch.distributed.barrier()
+data_dir = Path(data_root) / dataset
+meta = prepare.load_meta(data_dir)
+splits = {s: [prepare.read_bin(data_dir / f) for f in meta[s]["shards"]] for s in ("train", "val")}
+for s, shards in splits.items():
+    longest = max(len(x) for x in shards)
+    if longest <= block_size:
+        die(f"the {s} split of {data_dir} has only {longest} tokens in its largest shard, not enough for "
+            f"block_size={block_size}: lower --block_size or use more data")
+# window starts per shard, so sampling is uniform over all windows of the split
+n_windows = {s: np.cumsum([max(0, len(x) - block_size) for x in shards]) for s, shards in splits.items()}
+
+
+def get_batch(split, gen, n_rows, rows):
+    """Draw n_rows window offsets with `gen`, return the (x, y) of the rows slice this rank uses."""
+    shards, cum = splits[split], n_windows[split]
+    ix = torch.randint(int(cum[-1]), (n_rows,), generator=gen)[rows].numpy()
+    shard_ix = np.searchsorted(cum, ix, side="right")
+    starts = ix - np.concatenate([[0], cum])[shard_ix]
+    buf = np.stack([shards[j][i:i + block_size + 1] for j, i in zip(shard_ix, starts)]).astype(np.int64)
+    buf = torch.from_numpy(buf)
+    x, y = buf[:, :-1], buf[:, 1:]
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+
+import model as M
+
+data_vocab = meta["vocab_size"]
+ckpt = None
+if init_from == "resume" or eval_only and ckpt_path.exists():
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt["meta"]["vocab_size"] != data_vocab or ckpt["tokenizer"]["kind"] != meta["tokenizer"]["kind"]:
+        die(f"{ckpt_path} was trained on a {ckpt['tokenizer']['kind']} tokenizer of {ckpt['meta']['vocab_size']} "
+            f"tokens but {data_vocab}-token {meta['tokenizer']['kind']} data is in {data_dir}: "
+            f"use the same dataset/tokenizer or another --out_dir")
+    model = M.GPT(M.GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+elif init_from == "scratch":
+    padded = math.ceil(data_vocab / pad_vocab) * pad_vocab
+    model = M.GPT(M.GPTConfig(vocab_size=padded, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                              n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias, norm=norm,
+                              pos=pos, rope_theta=rope_theta, mlp=mlp, tie_embeddings=tie_embeddings))
+else:
+    from common import load_model
+    model, _, tok = load_model(init_from, out_dir, "cpu")
+    if meta["tokenizer"]["kind"] != "gpt2" or model.config.vocab_size < data_vocab:
+        die(f"{init_from} uses the GPT-2 tokenizer but {data_dir} was prepared with {meta['tokenizer']['kind']}: "
+            f"prepare it with --tokenizer=gpt2 (and another dataset name or --force)")
+if block_size > model.config.block_size:
+    die(f"block_size={block_size} exceeds the model's context of {model.config.block_size}")
+model.to(device)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+train_gen = torch.Generator().manual_seed(seed)
+step, best_val_loss = 0, float("inf")
+if ckpt is not None and init_from == "resume":
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
+    train_gen.set_state(ckpt["rng"]["data"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    if master:
+        print(f"resuming from {ckpt_path} at step {step}")
+del ckpt  # free memory
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if master:
+    print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {device} {dtype}, "
+          f"{world_size} rank(s) x {grad_accum} micro-steps x {batch_size}x{block_size} = {total_batch_size} tokens/step")
+
+tok_bytes = {s: meta[s]["bytes"] / meta[s]["tokens"] if meta[s].get("bytes") else None for s in ("train", "val")}
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss over the same eval_iters batches every time (a fixed generator), and bits per byte."""
+    model.eval()
+    result = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = get_batch(split, gen, batch_size, slice(None))
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        result[split] = losses.mean().item()
+        if tok_bytes[split]:
+            result[f"{split}_bpb"] = result[split] / math.log(2) / tok_bytes[split]
+    model.train()
+    return result
+
+
+def checkpoint():
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_args": asdict(raw_model.config), "config": config, "step": step,
+            "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "meta": meta,
+            "rng": {"torch": torch.get_rng_state(), "data": train_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
+
+
+metrics = None
+if master:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl", "a")
+    if wandb_log:
+        try:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        except ImportError:
+            print("wandb is not installed: logging to metrics.jsonl only")
+            wandb_log = False
+
+
+def log(record):
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    if wandb_log:
+        wandb.log(record, step=record["step"])
+
+# -----------------------------------------------------------------------------
+# training loop
+
+start_step, t_start, t_last, train_time = step, time.time(), time.time(), 0.0
+rows_per_step = batch_size * grad_accum * world_size
+while True:
+    if step % eval_interval == 0 or step == max_iters:
+        t_eval = time.time()
+        ev = evaluate()
+        if master:
+            bpb = f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
+            print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{bpb}")
+            log({"step": step, "train_loss": ev["train"], "val_loss": ev["val"], "val_bpb": ev.get("val_bpb")})
+            improved = ev["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, ev["val"])
+            if step > start_step and (improved or always_save_checkpoint) and not eval_only:
+                save_checkpoint(checkpoint(), ckpt_path)
+        t_last += time.time() - t_eval  # evaluation time is not training time
+    if step == max_iters or eval_only:
+        break
+
+    lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        rows = slice((micro * world_size + rank) * batch_size, (micro * world_size + rank + 1) * batch_size)
+        x, y = get_batch("train", train_gen, rows_per_step, rows)
+        # only the last micro-step all-reduces gradients
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+        with sync, autocast:
+            _, loss = model(x, y)
+            loss = loss / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if ddp:
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    lossf = loss_sum.item()
+    if not math.isfinite(lossf):
+        saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
+        die(f"loss is {lossf} at step {step}; {saved}. Lower --learning_rate or check the data")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    if step % log_interval == 0 and master:
+        now = time.time()
+        dt, t_last = now - t_last, now
+        train_time += dt
+        tok_s = total_batch_size * log_interval / dt
+        mfu = raw_model.estimate_mfu(tok_s / world_size, device)
+        eta = train_time / (step - start_step) * (max_iters - step)
+        mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s{mfu_s} | ETA {fmt_time(eta)}")
+        log({"step": step, "loss": lossf, "lr": lr, "tok_per_sec": tok_s, "mfu": mfu,
+             "time": round(now - t_start, 3)})
+
+if master:
+    metrics.close()
+    if sample_at_end and not eval_only:
+        from common import load_tokenizer
+        tok = load_tokenizer(meta["tokenizer"])
+        gen = raw_model.generate(torch.tensor([[tok.eot_id]], device=device), max_new_tokens=120,
+                                 temperature=0.8, top_k=200, seed=seed)
+        ids = [int(t[0]) for t in gen]
+        if tok.eot_id in ids:
+            ids = ids[:ids.index(tok.eot_id)]
+        print("-" * 40 + "\n" + tok.decode(ids) + "\n" + "-" * 40)
+    print(f"done in {fmt_time(time.time() - t_start)}: best val loss {best_val_loss:.4f}"
+          + (f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else "")
+          + (f"; checkpoint {ckpt_path} (sample it with: python sample.py --out_dir={out_dir})" if ckpt_path.exists() else ""))
+if ddp:
+    torch.distributed.destroy_process_group()
