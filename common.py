@@ -40,7 +40,7 @@ class Progress:
 
     def __init__(self, total, desc, unit="", every=5.0):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.n, self.t0, self.last = 0, time.time(), 0.0
+        self.n, self.t0, self.last, self.shown = 0, time.time(), 0.0, None
         self.tty = sys.stderr.isatty()
 
     def update(self, n=1, force=False):
@@ -48,7 +48,7 @@ class Progress:
         now = time.time()
         if not force and now - self.last < (0.2 if self.tty else self.every):
             return
-        self.last = now
+        self.last, self.shown = now, self.n
         dt = max(now - self.t0, 1e-9)
         rate = self.n / dt
         line = f"{self.desc}: {fmt_num(self.n)}{self.unit}"
@@ -60,7 +60,8 @@ class Progress:
               file=sys.stderr, flush=True)
 
     def close(self):
-        self.update(0, force=True)
+        if self.shown != self.n:  # the final count, unless that line is already out
+            self.update(0, force=True)
         if self.tty:
             print(file=sys.stderr)
 

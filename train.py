@@ -81,6 +81,8 @@ for k in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_si
           "n_layer", "n_head", "n_embd", "max_iters"):
     if config[k] <= 0 and not (k == "max_iters" and config[k] == 0):
         die(f"{k} must be positive, got {config[k]}")
+if compile is not None and not isinstance(compile, bool):
+    die(f"compile must be True, False or None (auto), got {compile!r}")
 if lr_schedule not in ("cosine", "wsd"):
     die(f"lr_schedule must be 'cosine' or 'wsd', got '{lr_schedule}'")
 if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -131,18 +133,22 @@ for s, shards in splits.items():
 n_windows = {s: np.cumsum([max(0, len(x) - block_size) for x in shards]) for s, shards in splits.items()}
 
 
-def get_batch(split, gen, n_rows, rows):
-    """Draw n_rows window offsets with `gen`, return the (x, y) of the rows slice this rank uses."""
+def get_batch(split, ix):
+    """The (x, y) windows of `split` starting at global window numbers `ix`."""
     shards, cum = splits[split], n_windows[split]
-    ix = torch.randint(int(cum[-1]), (n_rows,), generator=gen)[rows].numpy()
+    ix = ix.numpy()
     shard_ix = np.searchsorted(cum, ix, side="right")
     starts = ix - np.concatenate([[0], cum])[shard_ix]
     buf = np.stack([shards[j][i:i + block_size + 1] for j, i in zip(shard_ix, starts)]).astype(np.int64)
     buf = torch.from_numpy(buf)
-    x, y = buf[:, :-1], buf[:, 1:]
+    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def sample_windows(split, gen, n):
+    return torch.randint(int(n_windows[split][-1]), (n,), generator=gen)
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -208,7 +214,7 @@ def evaluate():
         gen = torch.Generator().manual_seed(seed + 1)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            x, y = get_batch(split, gen, batch_size, slice(None))
+            x, y = get_batch(split, sample_windows(split, gen, batch_size))
             with autocast:
                 _, loss = model(x, y)
             losses[k] = loss.item()
@@ -271,9 +277,10 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
+    ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     for micro in range(grad_accum):
-        rows = slice((micro * world_size + rank) * batch_size, (micro * world_size + rank + 1) * batch_size)
-        x, y = get_batch("train", train_gen, rows_per_step, rows)
+        first = (micro * world_size + rank) * batch_size
+        x, y = get_batch("train", ix[first:first + batch_size])
         # only the last micro-step all-reduces gradients
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
         with sync, autocast:
