@@ -86,7 +86,8 @@ CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
 
 
 def config_keys(g):
-    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
+    """The config variables of a script: lowercase globals of plain types (UPPER_CASE ones are constants)."""
+    return [k for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, CONFIG_TYPES)]
 
 
 def configure(g, argv=None):
@@ -104,7 +105,7 @@ def configure(g, argv=None):
             except Exception as e:
                 die(f"config file '{arg}' failed to run: {type(e).__name__}: {e}")
             for k, v in file_vars.items():
-                if not k.startswith("_") and isinstance(v, CONFIG_TYPES):
+                if k in config_keys({k: v}):
                     set_key(g, keys, k, v, source=arg)
             continue
         if "=" not in arg:
@@ -158,9 +159,11 @@ def load_checkpoint(path, map_location="cpu"):
             f"{str(e).splitlines()[0][:120]}); delete it and train again")
 
 
-def load_model(init_from, out_dir, device="cpu"):
+def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     """The model and tokenizer any script starts from: init_from='resume' reads out_dir/ckpt.pt,
     'gpt2'/'gpt2-medium'/... the official weights, anything else a directory in Hugging Face layout.
+    grow_vocab: a model with fewer embedding rows than the tokenizer has tokens (GPT-2's 50257 lack the chat
+    tokens) gets new rows, up to a multiple of 64 (fine-tuning then learns them); otherwise that is an error.
     Returns (model, checkpoint or None, tokenizer)."""
     import model as M
     import tokenizer as T
@@ -179,9 +182,15 @@ def load_model(init_from, out_dir, device="cpu"):
             die(f"init_from='{init_from}' is neither 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
                 f"nor a directory in Hugging Face layout")
         tok = T.get_tokenizer("gpt2")
-    if tok.n_vocab > model.config.vocab_size:
-        die(f"tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}: "
-            f"they do not belong together (check init_from / out_dir)")
+    if tok.n_vocab > model.config.vocab_size and grow_vocab:
+        new_size = 64 * math.ceil(tok.n_vocab / 64)
+        print(f"the model has {model.config.vocab_size} token embeddings, the tokenizer {tok.n_vocab} tokens "
+              f"(with the chat tokens): growing the embeddings to {new_size} rows")
+        model.resize_vocab(new_size)
+    # GPT-2's own 50257 rows lack the chat tokens: text needs only the ids up to end-of-text
+    if tok.eot_id >= model.config.vocab_size:
+        die(f"the tokenizer's end-of-text id is {tok.eot_id} but the model has only {model.config.vocab_size} "
+            f"token embeddings: they do not belong together (check init_from / out_dir)")
     return model.to(device), ckpt, tok
 
 

@@ -612,7 +612,7 @@ class _Retry(Exception):
     pass
 
 
-def download(url, dest, sha256=None, size=None, retries=4, backoff=1.0, timeout=30, mirror=""):
+def download(url, dest, sha256=None, size=None, retries=4, backoff=1.0, timeout=30, mirror="", offline_hint=""):
     """Fetch url to dest unless dest is already there (and matches size/sha256 when given). Streams into
     dest.part with a progress line, resumes it with an HTTP Range request after a cut connection or on the
     next run, retries connection errors and 5xx with exponential backoff, checks size and sha256, and renames
@@ -678,7 +678,7 @@ def download(url, dest, sha256=None, size=None, retries=4, backoff=1.0, timeout=
             if attempt > retries or last_error.startswith("cannot resolve"):
                 kept = f"; the partial download in {part} is resumed on the next run" if part.exists() else ""
                 die(f"could not download {url} ({last_error}). If this machine is offline, fetch that URL "
-                    f"elsewhere and put the file at {dest}{kept}")
+                    f"elsewhere and put the file at {dest}{kept}{offline_hint}")
             wait = backoff * 2 ** max(attempt - 1, 0) if attempt else 0
             print(f"download {dest.name}: {last_error}; retrying{f' in {wait:.1f}s' if wait else ''}", file=sys.stderr)
             time.sleep(wait)

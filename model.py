@@ -1,0 +1,579 @@
+"""
+The GPT: one model for both GPT-2 style (LayerNorm, learned positions, GELU, biases) and
+Llama style (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases), a KV-cache generator,
+and dependency-free Hugging Face weight interop (GPT2LMHeadModel, LlamaForCausalLM).
+References: nanoGPT's model.py; transformers' modeling_gpt2.py and modeling_llama.py.
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from common import atomic_path, die
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64 for speed
+    block_size: int = 1024       # longest context
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None -> n_head; fewer -> grouped-query attention (1 = multi-query)
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True            # biases in Linears and LayerNorms, like GPT-2
+    norm: str = 'layernorm'      # 'layernorm' | 'rmsnorm'
+    pos: str = 'learned'         # 'learned' | 'rope'
+    rope_theta: float = 10000.0
+    mlp: str = 'gelu'            # 'gelu' (exact, as nanoGPT) | 'gelu_tanh' (GPT-2's approximation) | 'swiglu'
+    mlp_hidden: int | None = None  # None -> 4*n_embd (gelu) or 8/3*n_embd rounded up to 64 (swiglu, as Llama)
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp != 'swiglu' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for key, allowed in (('norm', ('layernorm', 'rmsnorm')), ('pos', ('learned', 'rope')), ('mlp', ('gelu', 'gelu_tanh', 'swiglu'))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"GPTConfig.{key}={getattr(self, key)!r}: must be one of {allowed}")
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and n_head by n_kv_head ({self.n_kv_head})")
+
+
+_LLAMA = dict(norm='rmsnorm', pos='rope', mlp='swiglu', bias=False, tie_embeddings=False)
+PRESETS = {
+    # exactly GPT-2's architectures (gpt2: 124,439,808 parameters with tied embeddings)
+    'gpt2':        dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, mlp='gelu_tanh'),
+    'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024, mlp='gelu_tanh'),
+    'gpt2-large':  dict(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024, mlp='gelu_tanh'),
+    'gpt2-xl':     dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024, mlp='gelu_tanh'),
+    # Llama-style, CPU-sized to one-GPU-sized (vocab_size comes from the data)
+    'llama-tiny':   dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=256),
+    'llama-small':  dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512),
+    'llama-medium': dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024),
+    'llama-large':  dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=4, n_embd=1024, block_size=2048),
+}
+
+# dense bf16 tensor-core peaks (FLOP/s) for MFU; the first name contained in the device name wins,
+# so more specific names come first. GPUs without bf16 list their fp16 peak.
+GPU_PEAK_FLOPS = [('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12),
+                  ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12),
+                  ('L4', 121e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12),
+                  ('T4', 65e12)]
+
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split('.')[:2]) >= (2, 5)  # sdpa's enable_gqa
+
+
+class Norm(nn.Module):
+    """LayerNorm (optional bias, which nn.LayerNorm lacks) or RMSNorm."""
+
+    def __init__(self, dim, kind, bias, eps):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == 'layernorm' else None
+
+    def forward(self, x):
+        if self.kind == 'rmsnorm':
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def rope_tables(head_dim, length, theta):
+    """cos and signed sin, each (length, 1, head_dim), for apply_rope at positions 0..length-1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)[:, None, :]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).float(), torch.cat((-sin, sin), dim=-1).float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, T, H, D) by position. Dimension i is paired with i + D/2 (HF's rotate_half layout, so
+    transformers' Llama q/k weights load as they are; Meta's interleaved layout would need a permutation):
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] = x * cos + roll(x, D/2) * [-sin, sin]."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        # q, k and v projections in one matmul: n_head query heads, n_kv_head key and value heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        B, T, C = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)
+        if rope is not None:  # q and k are adjacent in qkv: rotate both with one call
+            qk, v = qkv.split([nh + nkv, nkv], dim=2)
+            q, k = apply_rope(qk, *rope).split([nh, nkv], dim=2)
+        else:
+            q, k, v = qkv.split([nh, nkv, nkv], dim=2)  # split, not slicing: its backward is one cat
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            if T == 1:
+                # decode: one new query attends to every cached position, so no mask at all; the
+                # query heads sharing a kv head become that head's "queries" (GQA without repeating K/V)
+                q = q.reshape(B, nkv, nh // nkv, hd)
+                y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1])
+                return self.c_proj(y.view(B, 1, C))
+            assert pos == 0, "prefill starts at position 0 (so the causal mask is the plain one)"
+        dropout = self.dropout if self.training else 0.0
+        if nkv == nh:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif _SDPA_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
+        else:  # older torch: materialise the repeated heads
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return F.dropout(y, dropout, True) if dropout else y
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind, self.dropout = config.mlp, config.dropout
+        self.swiglu = config.mlp == 'swiglu'
+        # SwiGLU's gate and up projections are fused into one matmul: [gate; up]
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden * (2 if self.swiglu else 1), bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:  # exact GELU is ~3x faster than the tanh form on CPU
+            h = F.gelu(h, approximate='tanh' if self.kind == 'gelu_tanh' else 'none')
+        y = self.c_proj(h)
+        return F.dropout(y, self.dropout, True) if self.dropout and self.training else y
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=Norm(config.n_embd, config.norm, config.bias, config.norm_eps),
+        ))
+        if config.pos == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:  # tables computed once, not saved in checkpoints
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2*n_layer)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (tied weights once). non_embedding drops the position table and, when
+        untied, the token table: what remains is what does matmul work per token."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.config.pos == 'learned':
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs (forward + backward) per token at full context, as in the PaLM paper (appendix B)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def estimate_mfu(self, tokens_per_sec, device=None):
+        """Model FLOPs utilisation against the peak of the GPU in use (per-GPU tokens/s);
+        None on CPU or an unknown GPU."""
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        if device.type != 'cuda':
+            return None
+        name = torch.cuda.get_device_name(device)
+        peak = next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    @torch.no_grad()
+    def resize_vocab(self, new_vocab_size):
+        """Grow (or shrink) the token embedding and lm_head, keeping the existing rows; new rows get
+        the usual N(0, 0.02) init. Used when fine-tuning adds tokens (e.g. chat markers)."""
+        old_wte, old_head = self.transformer.wte.weight, self.lm_head.weight
+        keep = min(new_vocab_size, old_wte.size(0))
+        wte = nn.Embedding(new_vocab_size, self.config.n_embd, device=old_wte.device, dtype=old_wte.dtype)
+        head = nn.Linear(self.config.n_embd, new_vocab_size, bias=False, device=old_wte.device, dtype=old_wte.dtype)
+        self._init_weights(wte)
+        wte.weight[:keep] = old_wte[:keep]
+        if self.config.tie_embeddings:
+            head.weight = wte.weight
+        else:
+            self._init_weights(head)
+            head.weight[:keep] = old_head[:keep]
+        self.transformer.wte, self.lm_head = wte, head
+        self.config.vocab_size = new_vocab_size
+
+    def crop_block_size(self, block_size):
+        """Shorten the context (e.g. GPT-2's 1024 to train with 256): the first block_size positions are kept."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.config.pos == 'learned':
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); loss is the mean cross-entropy over targets != -1."""
+        logits = self._run(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _run(self, idx, cache=None, pos=0, last_only=False):
+        T = idx.size(1)
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == 'learned':
+            x = x + self.transformer.wpe.weight[pos:pos + T]
+        else:
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout, True)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache[i] if cache is not None else None, pos)
+        if last_only:  # generation only needs the next-token logits: skip the rest of the lm_head
+            x = x[:, -1:]
+        return self.lm_head(self.transformer.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), seed=None,
+                 num_samples=1, use_cache=True):
+        """Yield the next token of every row, a LongTensor (B*num_samples,), once per step (streaming).
+        idx (B, T) prompts; row b*num_samples+s is sample s of prompt b. temperature 0 = greedy.
+        A row that produced a stop token yields -1 afterwards; the generator ends when all rows have
+        stopped or after max_new_tokens. The model sees at most the last block_size tokens: with the
+        KV cache the prompt is prefilled once (shared by the samples) and then one token costs one
+        position; once the context outgrows block_size the window slides and every step recomputes it,
+        exactly like use_cache=False."""
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError("generate needs a non-empty (B, T) prompt")
+        was_training = self.training
+        self.eval()
+        try:
+            yield from self._generate(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed,
+                                      num_samples, use_cache)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, num_samples, use_cache):
+        B0, T0 = idx.shape
+        B, bs, dev = B0 * num_samples, self.config.block_size, idx.device
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        with torch.inference_mode():  # a little less per-op overhead than no_grad: it counts at batch 1
+            stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=dev) if stop_tokens else None
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=dev)  # prompt + generated tokens
+            seq[:, :T0] = idx.repeat_interleave(num_samples, dim=0)
+        cache, n = None, T0  # n = tokens in seq; the cache (when used) holds seq[:, :n-1]
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                if use_cache and n <= bs and cache is None:
+                    # prefill the distinct prompts once, then give each sample its own copy of the cache
+                    c, hd = self.config, self.config.n_embd // self.config.n_head
+                    shape = (B0, c.n_kv_head, min(bs, T0 + max_new_tokens), hd)
+                    autocast = torch.is_autocast_enabled(dev.type)  # then k and v come out in the autocast dtype
+                    dtype = torch.get_autocast_dtype(dev.type) if autocast else self.lm_head.weight.dtype
+                    cache = [(torch.empty(shape, device=dev, dtype=dtype), torch.empty(shape, device=dev, dtype=dtype))
+                             for _ in range(c.n_layer)]
+                    logits = self._run(idx, cache, pos=0, last_only=True)
+                    if num_samples > 1:
+                        cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
+                        logits = logits.repeat_interleave(num_samples, 0)
+                elif use_cache and n <= bs:
+                    logits = self._run(seq[:, n - 1:n], cache, pos=n - 1)
+                else:  # no cache, or the window slides: recompute the last block_size tokens
+                    logits = self._run(seq[:, max(0, n - bs):n], last_only=True)
+                nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+                seq[:, n] = nxt
+                n += 1
+                if stop is not None:
+                    nxt = torch.where(done, -1, nxt)
+                    done |= torch.isin(seq[:, n - 1], stop)
+            yield nxt.clone()  # made outside inference mode: an ordinary tensor the caller may use anywhere
+            if stop is not None and done.all():
+                return
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits (B, V): greedy when temperature is 0, else sample from the
+    top_k most likely, then from the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    ids = None
+    if top_k is not None:  # topk returns them sorted, which top_p needs
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = logits.sort(dim=-1, descending=True)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        probs[probs.cumsum(dim=-1) - probs > top_p] = 0.0  # the top token always stays
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return (ids.gather(-1, choice) if ids is not None else choice).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# Hugging Face interop: config.json + model.safetensors (or pytorch_model.bin), no extra packages
+
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file: an 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} and then the raw tensors (offsets count from there)."""
+    try:
+        with open(path, 'rb') as f:
+            (n,) = struct.unpack('<Q', f.read(8))
+            header = json.loads(f.read(n))
+            data = bytearray(f.read())  # the tensors below are views into it: no second copy
+        buf = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        out = {}
+        for name, info in header.items():
+            if name == '__metadata__':
+                continue
+            dtype, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['data_offsets']
+            if not 0 <= begin <= end <= buf.numel():
+                raise ValueError(f"tensor {name} lies outside the file")
+            raw = buf[begin:end] if begin % dtype.itemsize == 0 else buf[begin:end].clone()  # view() needs alignment
+            out[name] = raw.view(dtype).reshape(info['shape'])
+        return out
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as e:
+        die(f"{path} is not a valid safetensors file ({type(e).__name__}: {e}); download it again")
+
+
+def save_safetensors(tensors, path):
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    blobs = []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        blob = t.reshape(-1).view(torch.uint8)
+        header[name] = {'dtype': names[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + blob.numel()]}
+        blobs.append(blob)
+        offset += blob.numel()
+    head = json.dumps(header).encode()
+    head += b' ' * (-len(head) % 8)  # keeps the tensors 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        f.write(struct.pack('<Q', len(head)) + head)
+        for blob in blobs:
+            f.write(blob.numpy().data)
+
+
+def read_hf_weights(path):
+    path = Path(path)
+    if (path / 'model.safetensors').exists():
+        return load_safetensors(path / 'model.safetensors')
+    if (path / 'model.safetensors.index.json').exists():  # sharded checkpoint
+        shards = set(json.loads((path / 'model.safetensors.index.json').read_text())['weight_map'].values())
+        return {k: v for shard in sorted(shards) for k, v in load_safetensors(path / shard).items()}
+    if (path / 'pytorch_model.bin').exists():
+        try:
+            return torch.load(path / 'pytorch_model.bin', map_location='cpu', weights_only=True)
+        except Exception as e:
+            die(f"{path / 'pytorch_model.bin'} could not be read ({type(e).__name__}: {e})")
+    die(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # GPT-2 stores these (in, out)
+
+
+def load_hf(path):
+    """Build a GPT from a local Hugging Face directory (GPT2LMHeadModel or LlamaForCausalLM)."""
+    path = Path(path)
+    if not (path / 'config.json').exists():
+        die(f"{path}/config.json not found: expected a Hugging Face model directory (config.json + model.safetensors)")
+    hf = json.loads((path / 'config.json').read_text())
+    kind = hf.get('model_type')
+    if kind == 'gpt2':
+        act = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}.get(hf.get('activation_function', 'gelu_new'))
+        if act is None:
+            die(f"{path}: activation_function {hf['activation_function']!r} unsupported (GPT-2 uses gelu_new)")
+        config = GPTConfig(mlp=act, vocab_size=hf['vocab_size'], block_size=hf['n_positions'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], mlp_hidden=hf.get('n_inner'), bias=True,
+                           tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5))
+    elif kind == 'llama':
+        rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+        if rope.get('rope_type', rope.get('type', 'default')) != 'default' or hf.get('hidden_act', 'silu') != 'silu' \
+                or hf.get('attention_bias', False) != hf.get('mlp_bias', False) \
+                or hf.get('head_dim', hf['hidden_size'] // hf['num_attention_heads']) * hf['num_attention_heads'] != hf['hidden_size']:
+            die(f"{path}: this Llama variant (rope scaling, activation, bias or head_dim) is not supported")
+        config = GPTConfig(vocab_size=hf['vocab_size'], block_size=hf['max_position_embeddings'],
+                           n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
+                           n_kv_head=hf.get('num_key_value_heads'), n_embd=hf['hidden_size'],
+                           mlp_hidden=hf['intermediate_size'], bias=hf.get('attention_bias', False), norm='rmsnorm',
+                           pos='rope', mlp='swiglu', rope_theta=hf.get('rope_theta') or rope.get('rope_theta', 10000.0),
+                           tie_embeddings=hf.get('tie_word_embeddings', False), norm_eps=hf.get('rms_norm_eps', 1e-6))
+    else:
+        die(f"{path}: model_type {kind!r} is not supported (GPT2LMHeadModel or LlamaForCausalLM)")
+    hf_sd = read_hf_weights(path)
+    try:
+        sd = _from_hf_gpt2(hf_sd) if kind == 'gpt2' else _from_hf_llama(hf_sd, config)
+    except KeyError as e:
+        die(f"{path}: tensor {e} missing from the weights")
+    if config.tie_embeddings:
+        sd['lm_head.weight'] = sd['transformer.wte.weight']
+    model = GPT(config)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        die(f"{path}: weights do not match config.json: {str(e).splitlines()[1].strip()}")
+    return model
+
+
+def _from_hf_gpt2(hf_sd):
+    sd = {}
+    for k, v in hf_sd.items():
+        k = k.removeprefix('transformer.')
+        if k.endswith(('attn.bias', 'attn.masked_bias')) and v.dim() == 4:  # old checkpoints' causal-mask buffers
+            continue
+        sd[k if k.startswith('lm_head') else 'transformer.' + k] = v.t() if k.endswith(_CONV1D) else v
+    return sd
+
+
+def _from_hf_llama(hf_sd, c):
+    sd = {'transformer.wte.weight': hf_sd['model.embed_tokens.weight'], 'transformer.ln_f.weight': hf_sd['model.norm.weight']}
+    if not c.tie_embeddings:
+        sd['lm_head.weight'] = hf_sd['lm_head.weight']
+    for i in range(c.n_layer):
+        p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
+        sd[o + 'ln_1.weight'] = hf_sd[p + 'input_layernorm.weight']
+        sd[o + 'ln_2.weight'] = hf_sd[p + 'post_attention_layernorm.weight']
+        for kind in ('weight', 'bias') if c.bias else ('weight',):
+            sd[o + 'attn.c_attn.' + kind] = torch.cat([hf_sd[p + f'self_attn.{x}_proj.{kind}'] for x in 'qkv'])
+            sd[o + 'attn.c_proj.' + kind] = hf_sd[p + 'self_attn.o_proj.' + kind]
+            sd[o + 'mlp.c_fc.' + kind] = torch.cat([hf_sd[p + f'mlp.{x}_proj.{kind}'] for x in ('gate', 'up')])
+            sd[o + 'mlp.c_proj.' + kind] = hf_sd[p + 'mlp.down_proj.' + kind]
+    return sd
+
+
+def save_hf(model, path):
+    """Write `model` as a Hugging Face directory that transformers loads: GPT-2 style models as
+    GPT2LMHeadModel, Llama style ones (RMSNorm + RoPE + SwiGLU) as LlamaForCausalLM."""
+    c, path = model.config, Path(path)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings, torch_dtype='float32',
+                  bos_token_id=None, eos_token_id=None)
+    if (c.norm, c.pos, c.n_kv_head) == ('layernorm', 'learned', c.n_head) and c.mlp != 'swiglu':
+        hf = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', n_positions=c.block_size, n_embd=c.n_embd,
+                  n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_hidden, activation_function='gelu_new' if c.mlp == 'gelu_tanh' else 'gelu',
+                  layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        out = {}
+        for k, v in sd.items():
+            if k == 'lm_head.weight' and c.tie_embeddings:
+                continue
+            out[k] = v.t() if k.endswith(_CONV1D) else v
+            bias = k[:-len('weight')] + 'bias'
+            if not c.bias and k.endswith('weight') and not k.endswith(('wte.weight', 'wpe.weight', 'lm_head.weight')):
+                out[bias] = torch.zeros(out[k].shape[-1])  # GPT-2 always has biases: zeros are the same model
+    elif (c.norm, c.pos, c.mlp) == ('rmsnorm', 'rope', 'swiglu'):
+        hd = c.n_embd // c.n_head
+        hf = dict(architectures=['LlamaForCausalLM'], model_type='llama', hidden_size=c.n_embd,
+                  intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                  num_key_value_heads=c.n_kv_head, head_dim=hd, max_position_embeddings=c.block_size,
+                  rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scaling=None,
+                  rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta}, hidden_act='silu',
+                  attention_bias=c.bias, mlp_bias=c.bias, **common)
+        out = {'model.embed_tokens.weight': sd['transformer.wte.weight'], 'model.norm.weight': sd['transformer.ln_f.weight']}
+        if not c.tie_embeddings:
+            out['lm_head.weight'] = sd['lm_head.weight']
+        for i in range(c.n_layer):
+            p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
+            out[p + 'input_layernorm.weight'] = sd[o + 'ln_1.weight']
+            out[p + 'post_attention_layernorm.weight'] = sd[o + 'ln_2.weight']
+            for kind in ('weight', 'bias') if c.bias else ('weight',):
+                q, k, v = sd[o + 'attn.c_attn.' + kind].split([c.n_head * hd, c.n_kv_head * hd, c.n_kv_head * hd])
+                out.update({p + 'self_attn.q_proj.' + kind: q, p + 'self_attn.k_proj.' + kind: k,
+                            p + 'self_attn.v_proj.' + kind: v, p + 'self_attn.o_proj.' + kind: sd[o + 'attn.c_proj.' + kind]})
+                gate, up = sd[o + 'mlp.c_fc.' + kind].chunk(2)
+                out.update({p + 'mlp.gate_proj.' + kind: gate, p + 'mlp.up_proj.' + kind: up,
+                            p + 'mlp.down_proj.' + kind: sd[o + 'mlp.c_proj.' + kind]})
+    else:
+        die(f"save_hf: norm={c.norm}, pos={c.pos}, mlp={c.mlp}, n_kv_head={c.n_kv_head} is neither GPT-2 "
+            "(layernorm, learned, gelu, no GQA) nor Llama (rmsnorm, rope, swiglu) style")
+    path.mkdir(parents=True, exist_ok=True)
+    save_safetensors(out, path / 'model.safetensors')
+    with atomic_path(path / 'config.json') as tmp:
+        tmp.write_text(json.dumps(hf, indent=2) + '\n')
+
+
+HF_REPOS = {name: f'openai-community/{name}' for name in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')}
+
+
+def from_pretrained(name, cache_dir=None):
+    """GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a hub id 'org/name') from the
+    Hugging Face hub. Uses transformers' own cache when it has them, else downloads into cache_dir."""
+    repo = HF_REPOS.get(name, name)
+    hub = Path(os.environ.get('HF_HUB_CACHE', Path.home() / '.cache' / 'huggingface' / 'hub'))
+    for snap in sorted(hub.glob(f"models--{repo.replace('/', '--')}/snapshots/*")):
+        if (snap / 'config.json').exists() and ((snap / 'model.safetensors').exists() or (snap / 'pytorch_model.bin').exists()):
+            return load_hf(snap)
+    d = Path(cache_dir or Path.home() / '.cache' / 'llm-from-scratch') / repo.replace('/', '--')
+    for fname in ('config.json', 'model.safetensors'):
+        if not (d / fname).exists():
+            from prepare import download  # the one download helper (HF_ENDPOINT selects a mirror)
+            download(f'https://huggingface.co/{repo}/resolve/main/{fname}', d / fname,
+                     offline_hint=f"; or put {repo}'s config.json and model.safetensors in a directory and pass "
+                                  f"it instead (--init_from=/path/to/{repo.split('/')[-1]})")
+    return load_hf(d)
