@@ -96,6 +96,11 @@ def configure(g, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(g)
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print((g.get("__doc__") or "").strip() + "\n\nconfig (override with --key=value or a config/x.py file):")
+            for k in keys:
+                print(f"  --{k}={g[k]!r}")
+            sys.exit(0)
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 die(f"config file '{arg}' not found (arguments are config/x.py files or --key=value)")

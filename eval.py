@@ -258,14 +258,7 @@ def pydocs_items(data_root, split="val"):
     meta = Path(data_root) / "pydocs" / "meta.json"
     val_frac = prepare.load_meta(meta.parent).get("settings", {}).get("val_frac", 0.1) if meta.exists() else 0.1
     records = prepare.pydocs_records(Path(data_root) / "pydocs" / "raw", val_frac)
-    if not any(r.get("objects") for r in records):  # an extract from before prepare.py listed the objects:
-        records = prepare.pydocs_records(Path(data_root) / "pydocs-qa" / "raw", val_frac)  # as chat_data does
-    # as prepare.pydocs_objects, with the documents' text beside them
-    objects = [{"name": name, "module": d["name"], "doc": doc, "split": d["split"]}
-               for d in records for name, doc in d.get("objects", [])]
-    if not objects:
-        die(f"the pydocs corpus in {data_root}/pydocs/raw lists no documented objects; delete that folder and "
-            f"run again")
+    objects = prepare.pydocs_objects(data_root, val_frac)
     texts = {r["name"]: r["text"] for r in records}
 
     def header(o):  # the line before the docstring in the module's document

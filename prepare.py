@@ -290,7 +290,8 @@ def pydocs_records(raw, val_frac, force=False):
     import touches this process). A document goes to val when the hash of its top-level package (or topic)
     falls in the first val_frac of the range: stable as modules come and go between Python versions."""
     path = raw / "pydocs.jsonl"
-    if force or not path.exists():
+    stale = path.exists() and '"objects"' not in path.open(encoding="utf-8").readline()  # an older format
+    if force or stale or not path.exists():
         t0 = time.time()
         raw.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

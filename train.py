@@ -21,10 +21,10 @@ from common import Progress, configure, die, fmt_time, get_lr, load_checkpoint, 
 import prepare
 
 # -----------------------------------------------------------------------------
-# default config: a small Llama-style model on the embedded pydocs corpus, ~5 minutes on a 2-core CPU
+# default config: a small Llama-style model on the embedded pydocs corpus, ~6 minutes on a 2-core CPU
 # I/O
 out_dir = "out"
-eval_interval = 100        # evaluate, log val loss and save a checkpoint every this many steps
+eval_interval = 50        # evaluate, log val loss and save a checkpoint every this many steps
 log_interval = 10
 eval_iters = 20            # batches per split for each evaluation
 eval_only = False
@@ -41,14 +41,14 @@ data_root = "data"
 tokenizer = "bpe"          # 'bpe' (trained here) | 'gpt2' | 'byte'; used when the data is prepared
 vocab_size = 4096          # for a bpe tokenizer trained by prepare.py
 input = ""                 # for dataset='local': a file or folder
-total_batch_size = 16384   # tokens per optimizer step, all ranks and micro-steps together
-batch_size = 32            # sequences per micro-step per rank
+total_batch_size = 8192   # tokens per optimizer step, all ranks and micro-steps together
+batch_size = 16            # sequences per micro-step per rank
 block_size = 256
 # model (Llama style by default; GPT-2 style is norm='layernorm', pos='learned', mlp='gelu', bias=True)
 n_layer = 4
-n_head = 4
+n_head = 6
 n_kv_head = 2
-n_embd = 256
+n_embd = 192
 dropout = 0.0
 bias = False
 norm = "rmsnorm"
@@ -59,13 +59,13 @@ tie_embeddings = True
 pad_vocab = 64             # round the embedding table up to a multiple of this (faster matmuls on GPU)
 # optimizer and schedule
 learning_rate = 3e-3
-max_iters = 1200
+max_iters = 250
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # 0 disables
 lr_schedule = "cosine"     # 'cosine' | 'wsd' (warmup-stable-decay)
-warmup_iters = 50
+warmup_iters = 20
 lr_decay_iters = 0         # 0: same as max_iters
 min_lr = 3e-4
 cooldown_frac = 0.2        # wsd only: the share of steps spent decaying

@@ -1,22 +1,22 @@
 # The default run (python train.py): a small Llama-style model on the embedded Python-docs corpus.
-# About 5 minutes on a 2-core CPU. Every value here equals train.py's default; copy and edit.
+# About 6 minutes on a 2-core CPU. Every value here equals train.py's default; copy and edit.
 out_dir = "out"
 dataset = "pydocs"
 tokenizer = "bpe"
 vocab_size = 4096
 block_size = 256
-batch_size = 32
-total_batch_size = 16384
+batch_size = 16
+total_batch_size = 8192
 n_layer = 4
-n_head = 4
+n_head = 6
 n_kv_head = 2
-n_embd = 256
+n_embd = 192
 norm = "rmsnorm"
 pos = "rope"
 mlp = "swiglu"
 bias = False
 learning_rate = 3e-3
 min_lr = 3e-4
-max_iters = 1200
-warmup_iters = 50
-eval_interval = 100
+max_iters = 250
+warmup_iters = 20
+eval_interval = 50
