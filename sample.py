@@ -3,6 +3,8 @@ Sample from a trained model (out_dir/ckpt.pt), from GPT-2 (--init_from=gpt2) or 
 directory (--init_from=/path/to/dir). Tokens stream to stdout as they are generated; the rate goes to stderr.
     python sample.py --out_dir=out --start="To be" --num_samples=3 --max_new_tokens=200 --temperature=0.8
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.95 --seed=1
+    python sample.py --out_dir=out-dpo --chat=True              # chat with a fine-tuned model (finetune.py, dpo.py)
+    python sample.py --out_dir=out-dpo --chat=True --start="What does `json.dumps` do?"   # one reply
 """
 import codecs
 import os
@@ -27,6 +29,7 @@ top_p = 1.0           # ...and from the smallest set of them whose probability r
 seed = 1337
 stop_at_eot = True    # a sample ends at <|endoftext|>
 device = 'auto'       # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+chat = False          # chat in the template of a fine-tuned model: messages from stdin, or one reply to --start
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -43,6 +46,14 @@ if start.startswith('FILE:'):
     if not path.is_file():
         die(f"prompt file {path} not found (--start=FILE:path reads the prompt from a file)")
     start = path.read_text(encoding='utf-8')
+# bf16 autocast on GPUs that have it, as in training; float32 elsewhere
+bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
+ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
+if chat:  # replies stream and end at <|end|>; the prompt is the conversation in the chat template
+    from chat_data import chat_session
+    chat_session(model, tok, ckpt, None if start == "\n" else start, max_new_tokens, temperature, top_k, top_p,
+                 seed, device, ctx)
+    sys.exit(0)
 ids = tok.encode(start, allowed_special='all')
 if not ids:
     die("the prompt is empty: give --start=TEXT, --start=FILE:path, or --start='<|endoftext|>' for unconditional samples")
@@ -54,9 +65,6 @@ if len(ids) > block_size:
           f"keeping the last {block_size}", file=sys.stderr)
     ids = ids[-block_size:]
 
-# bf16 autocast on GPUs that have it, as in training; float32 elsewhere
-bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
-ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
 stop = (tok.eot_id,) if stop_at_eot else ()
 prompt_text = tok.decode(ids)
 # one incremental UTF-8 decoder per sample: a character split across tokens prints once it is whole

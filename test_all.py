@@ -3,17 +3,55 @@ Every check of the project, runnable as `python test_all.py` (or under pytest).
 The runner at the bottom discovers the test_* functions in this file, runs them in order,
 prints one line per test and ends with exactly `N passed, N failed[, N skipped]`.
 Options: `-k SUBSTRING` runs only the tests whose name contains it; `-x` stops at the first failure.
+Sections, in run order: config/train, model (model.py, sample.py), tokenizer, prepare, eval. An area still in
+development keeps its tests in _tests_<area>.py, which the runner also discovers (after the tests here).
 """
+import contextlib
+import functools
+import hashlib
+import importlib
+import io
+import json
+import math
 import os
+import random
+import signal
+import socket
+import subprocess
 import sys
+import tarfile
+import tempfile
+import threading
 import time
 import traceback
+import unicodedata
 import unittest
+import zipfile
+from collections import Counter
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import numpy as np
+import regex
+import torch
+import torch.nn.functional as F
+
+import eval as E
+import model as M
+import prepare
+import tokenizer as T
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
 PY = sys.executable
+_TMP = tempfile.mkdtemp(prefix="fromscratch-tests-")  # scratch space of the config/train tests
+# the eval tests' own scratch space: they prepare a dataset into EVAL_TMP / "data", which must stay apart from
+# tiny_data()'s
+EVAL_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-eval-tests-"))
+
+
+# ----- helpers shared by the tests -----
 
 
 def shared_file(name):
@@ -21,17 +59,6 @@ def shared_file(name):
     if not p.exists():
         raise unittest.SkipTest(f"{p} not found (public test data lives in ../shared/data beside the checkout)")
     return p
-
-
-# -----------------------------------------------------------------------------
-# helpers shared by the tests
-
-import json
-import signal
-import subprocess
-import tempfile
-
-_TMP = tempfile.mkdtemp(prefix="fromscratch-tests-")
 
 
 def run(args, cwd=ROOT, timeout=240, env=None, check=None):
@@ -51,6 +78,46 @@ def assert_clear_error(p, *needles):
     assert len(lines) == 1, p.stderr
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+def expect_die(fn, *args, **kwargs):
+    """Call fn in-process (cheaper than a subprocess) expecting it to stop through common.die(): checks exit
+    code 2 and returns what it printed on stderr, as is (not stripped)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            fn(*args, **kwargs)
+        except SystemExit as e:
+            assert e.code == 2, f"exit code {e.code}"
+            return err.getvalue()
+    raise AssertionError(f"{fn.__name__} did not die")
+
+
+def one_thread(fn):
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine every parallel region
+    waits for a descheduled worker (30x slower here): run these tests on one thread."""
+    def wrapper():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(n)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def need_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise unittest.SkipTest("transformers is not installed (pip install -r requirements-test.txt)")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+# ----- config / train: helpers -----
 
 
 def tiny_data():
@@ -75,15 +142,15 @@ def train(out, *extra, check=0, timeout=240):
 def read_metrics(out):
     return [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
 
-# -----------------------------------------------------------------------------
-# config overrides (common.configure)
+
+# ----- config / train: config overrides (common.configure), LR schedule -----
 
 
 def test_configure_overrides_and_types():
     from common import configure
     cfg_file = Path(_TMP) / "cfg_ok.py"
     cfg_file.write_text("batch_size = 7\nname = 'x'\nimport math\n")
-    g = {"batch_size": 1, "lr": 1e-3, "name": "a", "flag": False, "maybe": None, "math": None, "_private": 3}
+    g = {"batch_size": 1, "lr": 1e-3, "name": "a", "flag": False, "maybe": None, "math": None, "_private": 3, "CONST": 1}
     cfg = configure(g, [str(cfg_file), "--lr=2", "--flag=True", "--maybe=(1, 2)", "--name=cpu"])
     assert cfg == {"batch_size": 7, "lr": 2.0, "name": "cpu", "flag": True, "maybe": (1, 2), "math": None}
     assert isinstance(g["lr"], float) and g["batch_size"] == 7
@@ -110,12 +177,11 @@ def test_lr_schedule():
     wsd = [get_lr(s, 1.0, 0.0, 10, 100, "wsd", 0.2) for s in range(101)]
     assert wsd[10] == wsd[80] == 1.0 and abs(wsd[90] - 0.5) < 1e-9 and wsd[100] == 0.0
 
-# -----------------------------------------------------------------------------
-# train.py
+
+# ----- config / train: train.py -----
 
 
 def _weights(out):
-    import torch
     return torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True)
 
 
@@ -132,7 +198,6 @@ def test_train_learns_and_logs():
 
 
 def test_resume_after_sigkill_is_exact():
-    import torch
     full, killed = Path(_TMP) / "out-full", Path(_TMP) / "out-killed"
     args = ["--max_iters=40", "--eval_interval=8", "--dropout=0.1"]
     train(full, *args)
@@ -158,8 +223,6 @@ def test_resume_after_sigkill_is_exact():
 def test_checkpoint_survives_sigkill_during_write():
     """Kill a process that keeps rewriting a large checkpoint, at several random moments:
     ckpt.pt must always load and be one complete version."""
-    import random
-    import torch
     from common import save_checkpoint
     path = Path(_TMP) / "atomic" / "ckpt.pt"
     save_checkpoint({"v": 0, "w": torch.zeros(4_000_000)}, path)
@@ -218,14 +281,1696 @@ def test_train_bad_inputs_exit_2_and_keep_checkpoint():
                              "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0", check=None), "loss is")
     assert (out / "ckpt.pt").read_bytes() == before
 
-# -----------------------------------------------------------------------------
-# runner
+
+# ----- model: model.py and sample.py (python test_all.py -k model ; -k sample) -----
+
+
+def scramble(model, seed=0, gain=1.5):
+    """Weights large enough that attention is sharp and logits are well apart: with GPT-2's small init,
+    attention is nearly uniform and a wrong position or head mapping could go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p.shape[-1]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if 'norm' in name or 'ln' in name else 0.0))
+    return model.eval()
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=97, block_size=24)
+    args.update(kw)
+    return scramble(M.GPT(M.GPTConfig(**args)), seed)
+
+
+LLAMA = dict(norm='rmsnorm', pos='rope', mlp='swiglu', bias=False, tie_embeddings=False, n_kv_head=2)
+
+
+def greedy_reference(model, idx, n):
+    """nanoGPT's sampling loop, greedy: recompute the cropped context for every token."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            idx = torch.cat([idx, nxt], dim=1)
+    return torch.cat(out, dim=1)
+
+
+def generated(model, idx, n, **kw):
+    return torch.stack(list(model.generate(idx, n, **kw)), dim=1)
+
+
+# ----- model: Hugging Face parity -----
+
+
+def check_hf_parity(hf_model, tmp):
+    hf_model.eval()
+    hf_model.save_pretrained(tmp / 'hf')
+    ours = M.load_hf(tmp / 'hf')
+    x = torch.randint(0, hf_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = hf_model(x).logits, ours(x)[0]
+    assert (ref - got).abs().max() < 1e-4, (ref - got).abs().max()
+    assert ref.std() > 0.5  # logits that differ: the comparison means something
+    hf_greedy = hf_model.generate(x[:1, :6], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  pad_token_id=0)[:, 6:]
+    assert generated(ours, x[:1, :6], 12, temperature=0).tolist() == hf_greedy.tolist()
+    return ours, x, ref
+
+
+def check_save_hf(ours, hf_class, tmp):
+    M.save_hf(ours, tmp / 'ours')
+    back = hf_class.from_pretrained(tmp / 'ours').eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (back(x).logits - ours(x)[0]).abs().max()
+    assert diff < 1e-4, diff
+    again = M.load_hf(tmp / 'ours').state_dict()  # and our own round trip is exact (GPT-2 adds zero biases)
+    assert all(torch.equal(again[k], v) for k, v in ours.state_dict().items())
+
+
+@one_thread
+def test_model_hf_gpt2_parity():
+    tr = need_transformers()
+    torch.manual_seed(0)
+    hf = tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_positions=24,
+                                          bos_token_id=None, eos_token_id=None))
+    scramble(hf)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, _, _ = check_hf_parity(hf, Path(tmp))
+        assert (ours.config.mlp, ours.config.tie_embeddings) == ('gelu_tanh', True)
+        check_save_hf(ours, tr.GPT2LMHeadModel, Path(tmp))
+        # our nanoGPT-style variant (exact GELU, no biases, untied) is a GPT2LMHeadModel too
+        check_save_hf(tiny(mlp='gelu', bias=False, tie_embeddings=False), tr.GPT2LMHeadModel, Path(tmp))
+
+
+@one_thread
+def test_model_hf_llama_gqa_parity():
+    tr = need_transformers()
+    torch.manual_seed(0)
+    hf = tr.LlamaForCausalLM(tr.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            hidden_size=32, intermediate_size=48, vocab_size=97,
+                                            max_position_embeddings=24, rope_theta=500.0,
+                                            bos_token_id=None, eos_token_id=None))
+    scramble(hf)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, _, _ = check_hf_parity(hf, Path(tmp))
+        assert (ours.config.n_kv_head, ours.config.rope_theta, ours.config.mlp_hidden) == (2, 500.0, 48)
+        check_save_hf(ours, tr.LlamaForCausalLM, Path(tmp))
+        # multi-query attention, tied embeddings and biases
+        check_save_hf(tiny(**dict(LLAMA, n_kv_head=1, tie_embeddings=True, bias=True)), tr.LlamaForCausalLM, Path(tmp))
+
+
+def test_model_hf_pytorch_bin_and_bad_dirs():
+    tr = need_transformers()
+    hf = scramble(tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / 'bin'
+        d.mkdir()
+        (d / 'config.json').write_text(hf.config.to_json_string())
+        torch.save(hf.state_dict(), d / 'pytorch_model.bin')  # the older layout
+        x = torch.randint(0, 50, (1, 10))
+        with torch.no_grad():
+            assert (hf(x).logits - M.load_hf(d)(x)[0]).abs().max() < 1e-4
+        script = ("import sys, model; model.load_hf(sys.argv[1])")
+        (Path(tmp) / 'empty').mkdir()
+        bad = Path(tmp) / 'bad'
+        bad.mkdir()
+        (bad / 'config.json').write_text(hf.config.to_json_string())
+        (bad / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": [1, 2')
+        for path, words in ((Path(tmp) / 'empty', 'config.json'), (bad, 'not a valid safetensors')):
+            r = subprocess.run([sys.executable, '-c', script, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_model_safetensors_roundtrip():
+    tensors = {'f32': torch.randn(3, 5), 'f16': torch.randn(7).half(), 'bf16': torch.randn(2, 3).bfloat16(),
+               'i64': torch.arange(5), 'bool': torch.tensor([True, False, True]), 'scalar': torch.tensor(2.5),
+               'empty': torch.zeros(0, 4), 'i8': torch.tensor([-1, 2, 3], dtype=torch.int8),
+               'after_odd': torch.randn(4, dtype=torch.float64)}  # lands at an offset not a multiple of 8
+    with tempfile.TemporaryDirectory() as tmp:
+        M.save_safetensors(tensors, Path(tmp) / 'x.safetensors')
+        back = M.load_safetensors(Path(tmp) / 'x.safetensors')
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError:
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # and the reference implementation agrees both ways
+        M.save_safetensors(tensors, Path(tmp) / 'ours.safetensors')
+        assert all(torch.equal(load_file(Path(tmp) / 'ours.safetensors')[k], t) for k, t in tensors.items())
+        save_file(tensors, Path(tmp) / 'ref.safetensors')
+        assert all(torch.equal(M.load_safetensors(Path(tmp) / 'ref.safetensors')[k], t) for k, t in tensors.items())
+
+
+def test_model_from_pretrained_cache_and_offline():
+    ours = tiny(mlp='gelu_tanh')
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / 'cache'
+        M.save_hf(ours, cache / 'openai-community--gpt2')  # already downloaded: nothing to fetch
+        got = M.from_pretrained('gpt2', cache_dir=cache)
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ours.state_dict().values()))
+        # nothing cached and no network (a closed local port stands in for an offline machine)
+        env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HUB_CACHE=str(Path(tmp) / 'hub'))
+        r = subprocess.run([sys.executable, '-c', f"import model; model.from_pretrained('gpt2-xl', cache_dir={str(cache)!r})"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+        assert 'could not download' in r.stderr and '--init_from=' in r.stderr, r.stderr
+        assert not any((cache / 'openai-community--gpt2-xl').glob('*')), "no half-written files left behind"
+
+
+# ----- model: generation -----
+
+
+@one_thread
+def test_model_kv_cache_equals_recompute():
+    # float64 so that "equal" means the algorithm, not rounding luck
+    for style in (dict(), LLAMA, dict(LLAMA, n_kv_head=1)):
+        model = tiny(**style).double()
+        for prompt_len in (5, 24, 30):  # short prompt crossing block_size 24 while generating, exactly full, longer than it
+            idx = torch.randint(0, 97, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+            ref = greedy_reference(model, idx, 30)
+            assert generated(model, idx, 30, temperature=0).tolist() == ref.tolist(), (style, prompt_len)
+            assert generated(model, idx, 30, temperature=0, use_cache=False).tolist() == ref.tolist(), (style, prompt_len)
+        # samples of one prompt share its prefill: greedy, every sample is the single-sample continuation
+        idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+        many = generated(model, idx, 10, temperature=0, num_samples=3)
+        assert many.tolist() == greedy_reference(model, idx.repeat_interleave(3, 0), 10).tolist()
+
+
+@one_thread
+def test_model_kv_cache_logits_match():
+    """The cached decode computes the same logits as the full forward (fp32 tolerance)."""
+    for style in (dict(), LLAMA):
+        model = tiny(**style)
+        idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+        c = model.config
+        cache = [(torch.zeros(2, c.n_kv_head, 20, c.n_embd // c.n_head), torch.zeros(2, c.n_kv_head, 20, c.n_embd // c.n_head))
+                 for _ in range(c.n_layer)]
+        with torch.no_grad():
+            full = model(idx)[0]
+            steps = [model._run(idx[:, :8], cache, pos=0)]
+            steps += [model._run(idx[:, t:t + 1], cache, pos=t) for t in range(8, 20)]
+        assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
+
+
+@one_thread
+def test_model_sampling_options():
+    model = tiny(**LLAMA)
+    idx = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    greedy = generated(model, idx, 15, temperature=0)
+    a = generated(model, idx, 15, temperature=1.0, seed=7, num_samples=4)
+    assert a.tolist() == generated(model, idx, 15, temperature=1.0, seed=7, num_samples=4).tolist()  # seeded
+    assert len({tuple(r) for r in a.tolist()}) > 1  # the samples differ from one another
+    assert generated(model, idx, 15, top_k=1, seed=1).tolist() == greedy.tolist()
+    assert generated(model, idx, 15, top_p=1e-6, seed=1).tolist() == greedy.tolist()
+    assert generated(model, idx, 15, top_k=5, top_p=1e-6, seed=1).tolist() == greedy.tolist()
+    # top_k / top_p only ever pick tokens inside their set
+    logits = torch.randn(64, 97, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        picks = M.sample_next(logits, 1.0, top_k=3, generator=g)
+        assert all(p in row.topk(3).indices for p, row in zip(picks, logits))
+        probs = logits.softmax(-1)
+        picks = M.sample_next(logits, 1.0, top_p=0.5, generator=g)
+        for p, row in zip(picks, probs):  # the mass of tokens more likely than the pick is below top_p
+            assert row[row > row[p]].sum() <= 0.5
+    # stop tokens: a row yields its stop token, then -1; generation ends when every row has stopped
+    idx2 = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    free = generated(model, idx2, 12, temperature=0)
+    stop = free[0, 3].item()
+    steps = generated(model, idx2, 12, temperature=0, stop_tokens=(stop,))
+    first = [row.tolist().index(stop) if stop in row.tolist() else None for row in free]
+    for r, row in enumerate(steps.tolist()):
+        end = first[r] if first[r] is not None else len(row) - 1
+        assert row[:end + 1] == free[r, :end + 1].tolist() and all(t == -1 for t in row[end + 1:])
+    if all(f is not None for f in first):
+        assert steps.size(1) == max(first) + 1
+    # streaming: tokens come one step at a time, each an ordinary tensor
+    gen = model.generate(idx, 3, temperature=0)
+    step = next(gen)
+    assert step.shape == (1,) and not step.is_inference() and step.item() == greedy[0, 0].item()
+    assert model.training is False
+
+
+@one_thread
+def test_model_forward_loss_and_params():
+    model = tiny(vocab_size=50)
+    x = torch.randint(0, 50, (2, 10))
+    y = torch.randint(0, 50, (2, 10))
+    y[0, :4] = -1
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 10, 50) and model(x)[1] is None
+    keep = y.view(-1) != -1
+    ref = F.cross_entropy(logits.view(-1, 50)[keep], y.view(-1)[keep])
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.device('meta'):  # no memory, no init time
+        gpt2 = M.GPT(M.GPTConfig(**M.PRESETS['gpt2']))
+        for name in M.PRESETS:
+            M.GPT(M.GPTConfig(**M.PRESETS[name]))
+    assert gpt2.num_params() == 124_439_808
+    assert gpt2.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
+    # PaLM's estimate: 6N + 12 L H Q T
+    assert gpt2.flops_per_token() == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert model.estimate_mfu(1000.0) is None  # CPU: no peak to compare with
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and all(p.dim() >= 2 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and all(p.dim() < 2 for p in no_decay['params'])
+    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+
+
+@one_thread
+def test_model_resize_vocab_and_crop():
+    for tie in (True, False):
+        model = tiny(vocab_size=50, tie_embeddings=tie)
+        x = torch.randint(0, 50, (2, 10))
+        with torch.no_grad():
+            before = model(x)[0]
+            model.resize_vocab(55)
+            after = model(x)[0]
+        assert after.shape[-1] == 55 and torch.equal(after[..., :50], before)
+        assert (model.lm_head.weight is model.transformer.wte.weight) == tie
+        assert model.num_params() == tiny(vocab_size=55, tie_embeddings=tie).num_params()
+    for style in (dict(), LLAMA):
+        model = tiny(**style)
+        x = torch.randint(0, 97, (2, 12))
+        with torch.no_grad():
+            before = model(x)[0]
+            model.crop_block_size(12)
+            assert torch.equal(model(x)[0], before) and model.config.block_size == 12
+
+
+@one_thread
+def test_model_training_gqa_and_dropout():
+    """Loss goes down on a fixed batch, for both styles, with dropout on (the training path)."""
+    for style in (dict(dropout=0.1), dict(LLAMA, dropout=0.1)):
+        torch.manual_seed(0)
+        model = M.GPT(M.GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=16, **style))
+        opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+        x = torch.randint(0, 50, (4, 16))
+        losses = []
+        for _ in range(30):
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----- model: sample.py -----
+
+
+def write_checkpoint(path, model, tokenizer=None):
+    import common
+    common.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                                tokenizer=tokenizer or {'kind': 'byte', 'path': None}), path)
+
+
+def chain_model(chain, eot=256):
+    """A byte-level model whose greedy continuation of chain[0] is chain[1:] then <|endoftext|>:
+    each token's embedding is one-hot and the lm_head row of the next token points at it."""
+    model = M.GPT(M.GPTConfig(n_layer=1, n_head=1, n_embd=264, vocab_size=261, block_size=16, bias=False,
+                              tie_embeddings=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for n in model.transformer.h[0].ln_1, model.transformer.h[0].ln_2, model.transformer.ln_f:
+            n.weight.fill_(1.0)
+        model.transformer.wte.weight[:, :261] = torch.eye(261)
+        for prev, nxt in zip(chain, chain[1:] + [eot]):
+            model.lm_head.weight[nxt, prev] = 1.0
+    return model
+
+
+def run_sample(cwd, *args):
+    return subprocess.run([sys.executable, str(ROOT / 'sample.py'), *args], cwd=cwd, capture_output=True,
+                          text=True, encoding='utf-8', timeout=120)
+
+
+def test_sample_streams_utf8():
+    # 'é' and '☃' are 2 and 3 bytes: every byte a token, so characters arrive split across tokens
+    text = 'é☃b'
+    chain = [ord('a')] + list(text.encode('utf-8'))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp) / 'out' / 'ckpt.pt', chain_model(chain))
+        r = run_sample(tmp, '--start=a', '--temperature=0', '--num_samples=2', '--max_new_tokens=10', '--device=cpu')
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == ('a' + text + '\n---------------\n') * 2, repr(r.stdout)
+        assert 'tokens/s' in r.stderr
+        # a prompt longer than the context is cropped, with a warning
+        (Path(tmp) / 'p.txt').write_text('z' * 40 + 'a')
+        r = run_sample(tmp, '--start=FILE:p.txt', '--temperature=0', '--num_samples=1', '--device=cpu')
+        assert r.returncode == 0 and 'warning' in r.stderr and 'keeping the last 16' in r.stderr, r.stderr
+        assert r.stdout == 'z' * 15 + 'a' + text + '\n---------------\n', repr(r.stdout)
+
+
+def test_sample_bad_input():
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp) / 'out' / 'ckpt.pt', tiny(vocab_size=261, block_size=16))
+        write_checkpoint(Path(tmp) / 'small' / 'ckpt.pt', tiny(vocab_size=64))  # byte tokenizer needs 261
+        cases = [(['--out_dir=missing'], 'no checkpoint'),
+                 (['--out_dir=small'], "end-of-text id is 256 but the model has only 64"),
+                 (['--start='], 'prompt is empty'),
+                 (['--start=FILE:nope.txt'], 'not found'),
+                 (['--temperature=-1'], 'temperature')]
+        for args, words in cases:
+            r = run_sample(tmp, *args, '--device=cpu', '--max_new_tokens=3')
+            assert r.returncode == 2, (args, r.returncode, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith('error: ') and words in lines[0], (args, r.stderr)
+            assert r.stdout == ''
+
+
+# ----- tokenizer: tokenizer.py (-k tokeniz) -----
+
+
+HARD_STRINGS = [
+    "Hello world! 👋🏽 Emoji: 🤖🧠👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵",
+    "中文字符测试，日本語のテキスト、한국어 텍스트。",
+    "    indented\n\n\n\ttabs\t\t and   runs of    spaces   \n  \r\n\r\n   ",
+    "it's they're we've I'm you'll she'd IT'S WE'VE 'tis 's",
+    "<|endoftext|> is plain text here, and so is <|user|> and <|end|>",
+    "numbers 1234567 3.14159 1e-10 0x1F 12,345",
+    "mixed\u00a0nbsp\u2003em-space\u3000ideographic\x0bvt\x0cff\x1cfs\x85nel\u2028ls",
+    "combining: e\u0301 a\u0308 \U0001d54f\U0001d4b6 math, zero\u200bwidth, rtl \u05e9\u05dc\u05d5\u05dd",
+    "",
+    " ",
+    "\n",
+    "x" * 3000,
+]
+
+
+def reference_gpt2():
+    """tiktoken's GPT-2 encoder built directly from the ranks file (offline: no get_encoding)."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+    path = shared_file("gpt2.tiktoken")
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the file as is, no copy into a cache
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+    return tiktoken.Encoding("gpt2-reference", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+def random_unicode(rng, n):
+    """A string mixing ASCII, whitespace, Latin, CJK, emoji, combining marks and rare planes."""
+    ranges = [(0x20, 0x7e), (0x09, 0x0d), (0xa0, 0x24f), (0x370, 0x3ff), (0x400, 0x4ff), (0x590, 0x6ff),
+              (0x300, 0x36f), (0x2000, 0x206f), (0x3000, 0x30ff), (0x4e00, 0x9fff), (0xac00, 0xd7a3),
+              (0x1f300, 0x1faff), (0x10000, 0x10ffff)]
+    out = []
+    for _ in range(n):
+        lo, hi = rng.choice(ranges)
+        c = rng.randint(lo, hi)
+        if 0xd800 <= c <= 0xdfff:  # surrogates are not characters
+            c = 0x20
+        out.append(chr(c))
+    return "".join(out)
+
+
+def naive_train(chunk_counts, n_merges):
+    """Reference BPE trainer: recount every pair of every chunk before each merge. Same rules as
+    train_bpe: most frequent pair, ties to the smallest (a, b); overlapping pairs counted; merged
+    left to right; a merge spelling existing bytes reuses that id."""
+    words = [list(c.encode("utf-8")) for c in chunk_counts]
+    freqs = list(chunk_counts.values())
+    vocab = [bytes([i]) for i in range(256)]
+    ids = {b: i for i, b in enumerate(vocab)}
+    merges = []
+    for _ in range(n_merges):
+        stats = Counter()
+        for w, f in zip(words, freqs):
+            for p in zip(w, w[1:]):
+                stats[p] += f
+        if not stats:
+            break
+        pair = min(stats, key=lambda p: (-stats[p], p))
+        merges.append(pair)
+        new = vocab[pair[0]] + vocab[pair[1]]
+        if new not in ids:
+            ids[new] = len(vocab)
+            vocab.append(new)
+        z = ids[new]
+        merged = []
+        for w in words:
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
+                    out.append(z)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged.append(out)
+        words = merged
+    return merges
+
+
+@functools.lru_cache(maxsize=None)
+def small_bpe(vocab_size=600):
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000] + " ".join(HARD_STRINGS)
+    return T.get_tokenizer("bpe", vocab_size=vocab_size, text=text, verbose=False)
+
+
+def test_tokenizer_gpt2_matches_tiktoken_on_shakespeare():
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+    ref = reference_gpt2().encode(text, disallowed_special=())
+    tok = T.get_tokenizer("gpt2", path=shared_file("gpt2.tiktoken"))
+    assert tok.encode(text) == ref
+    assert tok.encode_slow(text) == ref  # pure Python, with its per-chunk cache
+    assert tok.encode_batch([text[:5000], text[5000:9000]]) == [tok.encode(text[:5000]), tok.encode(text[5000:9000])]
+    assert tok.decode(ref) == text
+
+
+def test_tokenizer_gpt2_matches_tiktoken_on_hard_strings():
+    ref = reference_gpt2()
+    tok = T.get_tokenizer("gpt2", path=shared_file("gpt2.tiktoken"))
+    for s in HARD_STRINGS:
+        want = ref.encode(s, disallowed_special=())
+        assert tok.encode(s) == want, s
+        assert tok.encode_slow(s) == want, s
+        assert tok.decode(want) == s
+    # special-token text is plain text unless allowed; allowed, it is the one special id
+    s = "a<|endoftext|>b"
+    assert 50256 not in tok.encode(s) and tok.encode(s) == ref.encode(s, disallowed_special=())
+    assert tok.encode(s, allowed_special={"<|endoftext|>"}) == ref.encode(s, allowed_special={"<|endoftext|>"})
+    assert tok.encode_slow(s, allowed_special="all") == tok.encode(s, allowed_special="all")
+    assert tok.encode("<|user|>hi<|end|>", allowed_special="all") == [50258, *ref.encode("hi"), 50260]
+
+
+def test_tokenizer_special_token_layout():
+    gpt2 = T.get_tokenizer("gpt2", path=shared_file("gpt2.tiktoken"))
+    assert gpt2.n_vocab == 50261 and gpt2.eot_id == 50256
+    assert gpt2.special == {"<|endoftext|>": 50256, "<|system|>": 50257, "<|user|>": 50258,
+                            "<|assistant|>": 50259, "<|end|>": 50260}
+    byte = T.get_tokenizer("byte")
+    assert byte.n_vocab == 261 and byte.eot_id == 256 and byte.encode("hé") == [104, 0xc3, 0xa9]
+    bpe = small_bpe(600)
+    assert bpe.n_vocab == 600 and bpe.eot_id == 595
+    assert sorted(bpe.special.values()) == list(range(595, 600))
+    assert sorted(bpe.ranks.values()) == list(range(595))
+    for tok in (byte, bpe):
+        plain = tok.encode("<|assistant|>")
+        assert len(plain) > 1 and all(i < tok.n_vocab - 5 for i in plain)
+        assert tok.encode("<|assistant|>", allowed_special={"<|assistant|>"}) == [tok.special["<|assistant|>"]]
+    assert "261" in expect_die(T.train_bpe, "some text", 260, verbose=False)
+
+
+def test_tokenizer_bpe_incremental_matches_naive():
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000] + " ".join(HARD_STRINGS)
+    chunks = T.count_chunks(text, verbose=False)
+    assert T.train_bpe(dict(chunks), 256 + 5 + 300, verbose=False) == naive_train(chunks, 300)
+    # tiny alphabets make overlaps ('aaaa', 'abab') and count ties everywhere, and run out of pairs
+    for seed in range(40):
+        rng = random.Random(seed)
+        chunks = {"".join(rng.choice("ab" if seed % 2 else "abc") for _ in range(rng.randint(1, 12))):
+                  rng.randint(1, 5) for _ in range(rng.randint(1, 30))}
+        assert T.train_bpe(chunks, 256 + 5 + 80, verbose=False) == naive_train(chunks, 80), seed
+
+
+def test_tokenizer_bpe_learns_a_useful_vocabulary():
+    tok = small_bpe(1024)
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[100_000:150_000]
+    ids = tok.encode(text)
+    assert tok.encode_slow(text) == ids  # the teaching encoder agrees with tiktoken on our ranks
+    assert len(text.encode()) / len(ids) > 2.5  # bytes per token on unseen text: ~2.7 here, 1.0 for bytes
+
+
+def test_tokenizer_split_pieces_chunk_like_the_whole_text():
+    # cutting big texts into pieces at "safe" newlines must not change a single chunk
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "  ", "\t", "\n", "\n", "\r", "\r\n", ".", "1", "'", "'s", "\u3000", "\x0b", "\x1c",
+                "\x85", "é", "😀", ")\n", "    "]
+    pat = regex.compile(T.GPT4_PATTERN)
+    for _ in range(20):
+        text = "".join(rng.choice(alphabet) for _ in range(3000))
+        pieces = list(T.split_at_safe_newlines(text, size=50))
+        assert len(pieces) > 10 and "".join(pieces) == text
+        assert Counter(c for p in pieces for c in pat.findall(p)) == Counter(pat.findall(text))
+    assert T.count_chunks([text, text], verbose=False) == Counter(pat.findall(text) * 2)
+
+
+def test_tokenizer_decode_encode_roundtrip_random_unicode():
+    rng = random.Random(1234)
+    texts = [random_unicode(rng, rng.randint(0, 200)) for _ in range(200)]
+    for tok in (small_bpe(600), T.get_tokenizer("gpt2", path=shared_file("gpt2.tiktoken")), T.get_tokenizer("byte")):
+        batch = tok.encode_batch(texts, num_threads=2)
+        for s, ids in zip(texts, batch):
+            assert ids == tok.encode(s)
+            assert tok.decode(ids) == s, (tok.kind, s)
+            assert tok.decode_bytes(ids) == s.encode("utf-8")
+        for s in texts[:40]:
+            assert tok.encode_slow(s) == tok.encode(s), (tok.kind, s)
+
+
+def test_tokenizer_save_load_roundtrip():
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[200_000:230_000] + "".join(HARD_STRINGS)
+    with tempfile.TemporaryDirectory() as d:
+        for tok in (small_bpe(600), T.get_tokenizer("byte"), T.get_tokenizer("gpt2", path=shared_file("gpt2.tiktoken"))):
+            out = Path(d) / tok.kind
+            tok.save(out)
+            assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.tiktoken"]
+            back = T.load(out)
+            assert (back.kind, back.n_vocab, back.eot_id, back.special, back.pattern, back.ranks) == \
+                (tok.kind, tok.n_vocab, tok.eot_id, tok.special, tok.pattern, tok.ranks)
+            assert back.encode(text) == tok.encode(text)
+            assert back.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+        # the ranks file is tiktoken's own format
+        from tiktoken.load import load_tiktoken_bpe
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""
+        try:
+            assert load_tiktoken_bpe(str(Path(d) / "bpe" / "tokenizer.tiktoken")) == small_bpe(600).ranks
+        finally:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        # get_tokenizer('bpe', path) loads a saved one instead of training
+        assert T.get_tokenizer("bpe", path=Path(d) / "bpe").ranks == small_bpe(600).ranks
+
+
+def test_tokenizer_missing_or_corrupt_files_die():
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        assert "tokenizer.json" in expect_die(T.load, d / "nothing")
+        T.get_tokenizer("byte").save(d / "tok")
+        ranks = (d / "tok" / "tokenizer.tiktoken").read_text()
+        (d / "tok" / "tokenizer.tiktoken").write_text(ranks.replace("AA== 0", "AA==x 0"))
+        msg = expect_die(T.load, d / "tok")
+        assert "line 1" in msg and msg.startswith("error: ") and msg.count("\n") == 1
+        (d / "tok" / "tokenizer.tiktoken").unlink()
+        assert "not found" in expect_die(T.load, d / "tok")
+        (d / "tok" / "tokenizer.json").write_text('{"kind": "bpe", "pattern"')
+        assert "corrupt" in expect_die(T.load, d / "tok")
+        assert "not found" in expect_die(T.get_tokenizer, "gpt2", path=d / "missing.tiktoken")
+        assert "unknown tokenizer kind" in expect_die(T.get_tokenizer, "sentencepiece")
+
+
+def test_tokenizer_render_chat_mask():
+    tok = T.get_tokenizer("gpt2", path=shared_file("gpt2.tiktoken"))
+    S = tok.special
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And <|end|> in text?"},
+        {"role": "assistant", "content": "Plain text: <|end|>!"},
+    ]
+    ids, mask = T.render_chat(tok, messages)
+    want_ids, want_mask = [], []
+    for m in messages:
+        content = tok.encode(m["content"])
+        learn = 1 if m["role"] == "assistant" else 0
+        want_ids += [S[f"<|{m['role']}|>"]] + content + [S["<|end|>"]]
+        want_mask += [0] + [learn] * len(content) + [learn]
+    assert ids == want_ids and mask == want_mask and len(ids) == len(mask)
+    # exactly the assistant replies and their <|end|> are learned, read back as text
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "4.<|end|>Plain text: <|end|>!<|end|>"
+    assert sum(1 for i in ids if i == S["<|end|>"]) == 5  # the typed '<|end|>' stayed plain text
+    ids2, mask2 = T.render_chat(tok, messages[:2], add_generation_prompt=True)
+    assert ids2[-1] == S["<|assistant|>"] and mask2 == [0] * len(ids2)
+    try:
+        T.render_chat(tok, [{"role": "robot", "content": "hi"}])
+    except ValueError as e:
+        assert "robot" in str(e)
+    else:
+        raise AssertionError("a bad role must raise ValueError")
+
+
+def test_tokenizer_cli_trains_and_reports():
+    text_path = shared_file("tinyshakespeare.txt")
+    with tempfile.TemporaryDirectory() as d:
+        sample = Path(d) / "sample.txt"
+        sample.write_text(text_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+        cmd = [sys.executable, str(ROOT / "tokenizer.py"), f"--input={sample}", "--vocab_size=512", f"--out={d}/tok"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=d)
+        assert r.returncode == 0, r.stderr
+        assert "bytes/token" in r.stdout
+        tok = T.load(Path(d) / "tok")
+        assert tok.kind == "bpe" and tok.n_vocab == 512
+        info = json.loads((Path(d) / "tok" / "tokenizer.json").read_text())
+        assert info["special_tokens"]["<|endoftext|>"] == 507
+        # a second run would replace it: refused without --force, nothing changed
+        before = (Path(d) / "tok" / "tokenizer.tiktoken").read_bytes()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=d)
+        assert r.returncode == 2 and "--force" in r.stderr
+        assert (Path(d) / "tok" / "tokenizer.tiktoken").read_bytes() == before
+
+
+def test_tokenizer_cli_bad_input_exits_2():
+    with tempfile.TemporaryDirectory() as d:
+        empty = Path(d) / "empty.txt"
+        empty.write_text("")
+        binary = Path(d) / "bin.txt"
+        binary.write_bytes(b"ok\xff\xfe")
+        for args, words in ([f"--input={d}/missing.txt"], "not found"), ([f"--input={empty}"], "empty"), \
+                ([f"--input={binary}"], "UTF-8"), (["--vocab_size=4096"], "--input"), \
+                ([f"--input={ROOT / 'tokenizer.py'}", "--vocab_size=100"], "too small"), \
+                (["--vocab=1"], "unknown config key"):
+            r = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), *args, f"--out={d}/out"],
+                               capture_output=True, text=True, timeout=60, cwd=d)
+            assert r.returncode == 2, (args, r.returncode, r.stderr)
+            assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, (args, r.stderr)
+            assert not (Path(d) / "out").exists()
+
+
+# ----- prepare: prepare.py (-k prepare) -----
+# the download helper against a real local http.server, exact round trips from shards back to the cleaned
+# text, bad input (exit 2, one line, nothing left behind), idempotence.
+
+
+@contextlib.contextmanager
+def _server(data, plan=()):
+    """A threaded http.server on 127.0.0.1 (free port) serving `data` (bytes) at any path, or a dict
+    {file name: bytes} by the last part of the path (404 for others), with Range support.
+    `plan` scripts the first requests: 'cut' sends half the body then closes, '500' and '404' fail.
+    Yields (base URL, list of the request headers received)."""
+    plan, log = list(plan), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            log.append(dict(self.headers))
+            mode = plan.pop(0) if plan else "ok"
+            body = data if isinstance(data, bytes) else data.get(self.path.rsplit("/", 1)[-1])
+            if body is None:
+                mode = "404"
+            if mode in ("500", "404"):
+                self.send_error(int(mode))
+                return
+            rng = self.headers.get("Range")
+            start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+            size, body = len(body), body[start:]
+            self.send_response(206 if rng else 200)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body[:len(body) // 2] if mode == "cut" else body)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up early (a failed check)
+                pass
+            self.close_connection = True  # 'cut': the client sees the connection end mid-body
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", log
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _prepare_cli(*args, cwd=ROOT):
+    return subprocess.run([PY, str(ROOT / "prepare.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _one_error_line(r):
+    """exit code 2 and exactly one 'error: ...' line on stderr, no traceback; returns that line."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+def _files(d):
+    """{relative path: (mtime_ns, sha256)} of every file under d."""
+    return {p.relative_to(d).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def _decode_splits(data_dir):
+    """Decode every shard of data_dir with the tokenizer meta.json names and cut at the eot tokens:
+    {split: [document text]}, after checking the counts meta.json gives."""
+    from common import load_tokenizer
+    meta = prepare.load_meta(data_dir)
+    tok = load_tokenizer(meta["tokenizer"])
+    assert tok.n_vocab == meta["vocab_size"] and tok.eot_id == meta["eot_id"]
+    out = {}
+    for split in ("train", "val"):
+        toks = np.concatenate([np.asarray(prepare.read_bin(data_dir / f)) for f in meta[split]["shards"]])
+        assert len(toks) == meta[split]["tokens"] and toks[0] == tok.eot_id
+        cuts = list(np.flatnonzero(toks == tok.eot_id)) + [len(toks)]
+        docs = [tok.decode_bytes(toks[a + 1:b].tolist()).decode("utf-8") for a, b in zip(cuts, cuts[1:])]
+        assert len(docs) == meta[split]["docs"]
+        assert sum(len(d.encode()) for d in docs) == meta[split]["bytes"]
+        out[split] = docs
+    return meta, out
+
+
+# ----- prepare: the download helper against a local server -----
+
+
+def test_prepare_download_verified():
+    data = shared_file("tinyshakespeare.txt").read_bytes()
+    with tempfile.TemporaryDirectory() as d, _server(data) as (url, log):
+        dest = Path(d) / "raw" / "input.txt"
+        assert prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, size=len(data)) == dest
+        assert dest.read_bytes() == data and len(log) == 1
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["input.txt"]  # no temp file left
+        prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256)  # there and verified
+        assert len(log) == 1
+
+
+def test_prepare_download_resumes_after_cut():
+    data = shared_file("tinyshakespeare.txt").read_bytes()
+    with tempfile.TemporaryDirectory() as d, _server(data, plan=["cut"]) as (url, log):
+        dest = Path(d) / "input.txt"
+        prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, backoff=0.01)
+        assert len(log) == 2 and "Range" not in log[0], log
+        start = int(log[1]["Range"].removeprefix("bytes=").removesuffix("-"))
+        assert 0 < start <= len(data) // 2, log[1]  # it asked only for what it did not have
+        assert dest.read_bytes() == data
+        assert sorted(p.name for p in Path(d).iterdir()) == ["input.txt"]
+
+
+def test_prepare_download_resumes_on_next_run():
+    """A cut with no retries left stops with a clear error and keeps the .part; the next call resumes it."""
+    data = shared_file("tinyshakespeare.txt").read_bytes()
+    with tempfile.TemporaryDirectory() as d, _server(data, plan=["cut", "500"]) as (url, log):
+        dest = Path(d) / "input.txt"
+        err = expect_die(prepare.download, url + "/input.txt", dest, size=len(data), retries=0)
+        assert "HTTP 500" in err and "resumed on the next run" in err and not dest.exists(), err
+        prepare.download(url + "/input.txt", dest, size=len(data), sha256=prepare.SHAKESPEARE_SHA256)
+        assert log[-1]["Range"].startswith("bytes=") and dest.read_bytes() == data
+
+
+def test_prepare_download_bad_checksum_leaves_nothing():
+    data = shared_file("tinyshakespeare.txt").read_bytes()
+    with tempfile.TemporaryDirectory() as d, _server(data) as (url, log):
+        dest = Path(d) / "input.txt"
+        err = expect_die(prepare.download, url + "/input.txt", dest, sha256="0" * 64)
+        assert "sha256" in err and url in err, err
+        assert list(Path(d).iterdir()) == []
+        err = expect_die(prepare.download, url + "/input.txt", dest, size=len(data) + 1)
+        assert "expected" in err and list(Path(d).iterdir()) == []
+
+
+def test_prepare_download_retries_500_and_stops_on_404():
+    data = shared_file("tinyshakespeare.txt").read_bytes()
+    with tempfile.TemporaryDirectory() as d, _server(data, plan=["500", "500"]) as (url, log):
+        dest = Path(d) / "input.txt"
+        prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, backoff=0.01)
+        assert len(log) == 3 and dest.read_bytes() == data
+    with tempfile.TemporaryDirectory() as d, _server(data, plan=["404"]) as (url, log):
+        err = expect_die(prepare.download, url + "/missing.txt", Path(d) / "x.txt", backoff=0.01)
+        assert "HTTP 404" in err and len(log) == 1 and list(Path(d).iterdir()) == [], err
+
+
+def test_prepare_download_offline_clear_error():
+    """No server, and a host name that cannot resolve: exit 2, one line naming the URL and where to put
+    the file by hand, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: connection refused
+    with tempfile.TemporaryDirectory() as d:
+        dest = Path(d) / "shakespeare" / "raw" / "input.txt"
+        for mirror in (f"http://127.0.0.1:{port}", "http://no-such-host.invalid"):
+            r = _prepare_cli("--dataset=shakespeare", f"--data_root={d}", f"--mirror={mirror}", "--retries=1")
+            line = _one_error_line(r)
+            assert f"{mirror}/input.txt" in line and str(dest) in line, line
+            assert list(Path(d).iterdir()) == []  # not even an empty folder
+
+
+# ----- prepare: the whole step: round trips, idempotence -----
+
+
+def test_prepare_pydocs_roundtrip_and_idempotent():
+    with tempfile.TemporaryDirectory() as d:
+        opts = dict(dataset="pydocs", data_root=d, tokenizer="bpe", vocab_size=4096, shard_tokens=200_000)
+        data_dir = prepare.prepare(**opts)
+        meta, decoded = _decode_splits(data_dir)
+        assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == 4096 and meta["dtype"] == "uint16"
+        assert len(meta["train"]["shards"]) >= 2  # documents run across shard boundaries
+        # the cleaned documents, in order, are exactly what the shards hold
+        raw = prepare.pydocs_documents(data_dir / "raw", 0.1)
+        expected = prepare.split_documents(prepare.clean(raw, 16), 0.1, "pydocs")
+        names = json.loads((data_dir / "docs.json").read_text())
+        for split in ("train", "val"):
+            assert decoded[split] == [t for _, t in expected[split]]
+            assert names[split] == [n for n, _ in expected[split]]
+        docs = decoded["train"] + decoded["val"]
+        assert len(set(docs)) == len(docs) and all("\r" not in t and len(t.strip()) >= 16 for t in docs)
+        assert all(unicodedata.is_normalized("NFC", t) for t in docs)
+        assert 1_500_000 < meta["train"]["bytes"] + meta["val"]["bytes"] < 4_000_000  # about 2 MB
+        assert any(n.startswith("topic:") for n in names["train"] + names["val"])
+        assert any(n == "json" or n.startswith("json.") for n in names["train"] + names["val"])
+        assert not any(".test" in n or n.startswith(("test", "idlelib", "antigravity", "this")) or "._" in n
+                       for n in names["train"] + names["val"])
+        groups = {s: {n.split(".")[0] for n in names[s]} for s in names}
+        assert not groups["train"] & groups["val"]  # whole packages are held out
+
+        # a second run changes nothing; other settings are refused without --force
+        before = _files(data_dir)
+        args = [f"--data_root={d}", "--vocab_size=4096", "--shard_tokens=200000"]
+        r = _prepare_cli(*args)
+        assert r.returncode == 0 and "is ready" in r.stdout, r.stdout + r.stderr
+        r = _prepare_cli(*args, "--tokenizer=byte")
+        assert "--force" in _one_error_line(r)
+        assert _files(data_dir) == before
+        # a run interrupted after the tokenizer step reuses the trained tokenizer and gives the same shards
+        (data_dir / "meta.json").unlink()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            prepare.prepare(**opts)
+        assert "reusing" in out.getvalue(), out.getvalue()
+        after = _files(data_dir)
+        assert {k: v[1] for k, v in after.items() if k != "meta.json"} == \
+               {k: v[1] for k, v in before.items() if k != "meta.json"}
+        # --force with another tokenizer rebuilds, and the shards of the old run do not linger
+        r = _prepare_cli(*args, "--tokenizer=byte", "--force=True")
+        assert r.returncode == 0, r.stderr
+        meta = prepare.load_meta(data_dir)
+        assert meta["tokenizer"]["kind"] == "byte"
+        assert sorted(p.name for p in data_dir.glob("*.bin")) == sorted(meta["train"]["shards"] + meta["val"]["shards"])
+        assert _decode_splits(data_dir)[1] == decoded
+
+
+def test_prepare_shakespeare_local_roundtrip():
+    """tiny Shakespeare as a local .txt: the documents (paragraph groups) joined with blank lines give back
+    the file exactly, and val is its last ~10% as in nanoGPT."""
+    path = shared_file("tinyshakespeare.txt")
+    text = path.read_text()
+    with tempfile.TemporaryDirectory() as d:
+        data_dir = prepare.prepare(dataset="local", input=str(path), data_root=d, tokenizer="bpe", vocab_size=512)
+        meta, decoded = _decode_splits(data_dir)
+        assert "\n\n".join(decoded["train"] + decoded["val"]) == text
+        val_share = len("\n\n".join(decoded["val"])) / len(text)
+        assert 0.07 < val_share < 0.13, val_share
+        assert meta["train"]["tokens"] < meta["train"]["bytes"] / 2  # the BPE merges are in use
+
+
+def test_prepare_shakespeare_download_via_mirror():
+    """--dataset=shakespeare end to end from a local server standing in for GitHub (--mirror), verified by
+    its sha256, with the byte tokenizer (character level)."""
+    data = shared_file("tinyshakespeare.txt").read_bytes()
+    with tempfile.TemporaryDirectory() as d, _server(data) as (url, log):
+        data_dir = prepare.prepare(dataset="shakespeare", data_root=d, tokenizer="byte", mirror=url)
+        assert (data_dir / "raw" / "input.txt").read_bytes() == data and log[0]
+        meta, decoded = _decode_splits(data_dir)
+        assert "\n\n".join(decoded["train"] + decoded["val"]) == data.decode()
+        assert meta["vocab_size"] == 261 and meta["train"]["tokens"] == meta["train"]["bytes"] + meta["train"]["docs"]
+
+
+def test_prepare_tinystories_and_fineweb_via_mirror():
+    """The two big remote datasets end to end, from small files of the same formats on a local server:
+    TinyStories (stories separated by <|endoftext|>, val from its own file) and llm.c's fineweb shards."""
+    stories = [f"Once upon a time there was a {w} who liked to play." for w in ("cat", "dog", "bird", "fox")]
+    files = {"TinyStoriesV2-GPT4-train.txt": "\n<|endoftext|>\n".join(stories[:3]).encode(),
+             "TinyStoriesV2-GPT4-valid.txt": (stories[3] + "\n<|endoftext|>\n").encode()}
+    shards = {}
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        for name, n in (("fineweb_val_000000.bin", 3000), ("fineweb_train_000001.bin", 5000),
+                        ("fineweb_train_000002.bin", 4000)):
+            tokens = rng.integers(0, 50257, n).astype(np.uint16)
+            tokens[::100] = 50256
+            prepare.write_bin(Path(d) / name, tokens)
+            files[name] = (Path(d) / name).read_bytes()
+            shards[name] = tokens
+        with _server(files) as (url, log):
+            data_dir = prepare.prepare(dataset="tinystories", data_root=d, tokenizer="gpt2", mirror=url)
+            meta, decoded = _decode_splits(data_dir)
+            assert decoded == {"train": stories[:3], "val": stories[3:]}
+            assert meta["vocab_size"] == 50261 and meta["tokenizer"] == {"kind": "gpt2", "path": None}
+            data_dir = prepare.prepare(dataset="fineweb10B", data_root=d, num_shards=1, mirror=url)
+            meta = prepare.load_meta(data_dir)
+            assert meta["train"]["shards"] == ["fineweb_train_000001.bin"] and meta["val"]["tokens"] == 3000
+            assert meta["train"]["docs"] == 50 and meta["eot_id"] == 50256
+            n = len(log)
+            prepare.prepare(dataset="fineweb10B", data_root=d, mirror=url)  # 0: the shards already here
+            prepare.prepare(dataset="fineweb10B", data_root=d, num_shards=2, mirror=url)  # one more
+            assert len(log) == n + 1
+            meta = prepare.load_meta(data_dir)
+            toks = np.concatenate([np.asarray(prepare.read_bin(data_dir / f)) for f in meta["train"]["shards"]])
+            assert np.array_equal(toks, np.concatenate([shards["fineweb_train_000001.bin"],
+                                                        shards["fineweb_train_000002.bin"]]))
+
+
+def test_prepare_local_folder_jsonl_and_bad_bytes():
+    """A folder: files in sorted path order, .jsonl lines as documents, undecodable bytes replaced and
+    reported, \\r\\n normalised, NFC applied, tiny and duplicate documents dropped."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "src"
+        (src / "sub").mkdir(parents=True)
+        (src / "b.txt").write_bytes(b"caf\xff and more text here\r\nsecond line of b\r\n")
+        (src / "a.txt").write_text("The first document, long enough to stay.\n")
+        rows = [{"text": "cafe\u0301 decomposed, becomes NFC in cleaning"}, {"text": "tiny"},
+                {"text": "The first document, long enough to stay.\n"}, {"text": "the last one, held out for val"}]
+        (src / "sub" / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+        (src / "notes.md").write_text("not an input format: ignored")
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            data_dir = prepare.prepare(dataset="local", input=str(src), data_root=d, tokenizer="byte", val_frac=0.25)
+        assert "replaced 1 undecodable" in err.getvalue() and "b.txt" in err.getvalue(), err.getvalue()
+        assert "dropped 1 empty/tiny" in out.getvalue() and "1 duplicates" in out.getvalue(), out.getvalue()
+        _, decoded = _decode_splits(data_dir)
+        assert decoded["train"] == ["The first document, long enough to stay.\n",
+                                    "caf\ufffd and more text here\nsecond line of b\n",
+                                    "caf\u00e9 decomposed, becomes NFC in cleaning"]
+        assert decoded["val"] == ["the last one, held out for val"]
+        names = json.loads((data_dir / "docs.json").read_text())
+        assert names == {"train": ["a.txt#0", "b.txt#0", "sub/c.jsonl:1"], "val": ["sub/c.jsonl:4"]}
+
+
+# ----- prepare: bad input: exit 2, one line, nothing written -----
+
+
+def test_prepare_bad_input_clear_errors():
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "empty.txt").write_text("")
+        (d / "small.txt").write_text("A single paragraph of text that cannot be split into train and val.\n")
+        (d / "notext.jsonl").write_text('{"text": "a fine first line of text"}\n{"title": "no text here"}\n')
+        (d / "broken.jsonl").write_text('{"text": "a fine first line of text"}\n\n{"text": "unterminated\n')
+        cases = [("nope.txt", "not found"), ("empty.txt", "no documents"), ("small.txt", "too small"),
+                 ("notext.jsonl", "notext.jsonl:2: no string 'text'"), ("broken.jsonl", "broken.jsonl:3: invalid JSON")]
+        for name, expected in cases:
+            out = d / "out"
+            r = _prepare_cli("--dataset=local", f"--input={d / name}", f"--data_root={out}", "--tokenizer=byte")
+            line = _one_error_line(r)
+            assert expected in line and name in line, (name, line)
+            assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), list(out.rglob("*"))
+        r = _prepare_cli("--dataset=shakespeare", f"--input={d / 'small.txt'}", f"--data_root={d / 'out'}")
+        assert "--dataset=local" in _one_error_line(r)
+        r = _prepare_cli("--dataset=nope", f"--data_root={d / 'out'}")
+        assert "pydocs" in _one_error_line(r)
+
+
+def test_prepare_failed_write_leaves_no_shards():
+    """A crash while encoding (here an interrupt in the val split) removes the shards already written."""
+    byte = T.get_tokenizer("byte")
+
+    class Interrupted:  # the byte tokenizer, until the val split
+        n_vocab, eot_id = byte.n_vocab, byte.eot_id
+
+        def encode_batch(self, texts, num_threads=1):
+            if texts[0].startswith("val"):
+                raise KeyboardInterrupt
+            return byte.encode_batch(texts, num_threads=num_threads)
+
+    with tempfile.TemporaryDirectory() as d:
+        splits = {"train": [(f"t{i}", f"train text {i} " * 50) for i in range(20)], "val": [("v", "val text")]}
+        try:
+            prepare.write_shards(Path(d), splits, Interrupted(), 1000, 1)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("expected the interrupt to propagate")
+        assert list(Path(d).iterdir()) == []
+
+
+def test_prepare_read_bin_validates():
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x" / "train_000000.bin"
+        for dtype, version in ((np.uint16, 1), (np.uint32, 2)):
+            tokens = np.arange(1000, dtype=dtype) * (70 if dtype == np.uint32 else 60)
+            prepare.write_bin(p, tokens)
+            header = np.fromfile(p, dtype=np.int32, count=256)
+            assert list(header[:3]) == [20240520, version, 1000] and not header[3:].any()
+            assert p.stat().st_size == 1024 + tokens.nbytes
+            assert np.array_equal(prepare.read_bin(p), tokens)
+        p.write_bytes(p.read_bytes()[:-2])  # truncated
+        err = expect_die(prepare.read_bin, p)
+        assert str(p) in err and "--dataset=x --force" in err, err
+        p.write_bytes(b"\0" * 2048)  # no magic
+        assert "not a token shard" in expect_die(prepare.read_bin, p)
+        assert "not found" in expect_die(prepare.load_meta, Path(d) / "x")
+
+
+# ----- eval: eval.py (-k eval) -----
+
+
+def run_eval(*args, timeout=120):
+    """eval.py through run(), on one OpenMP thread (tiny models on a busy 2-core machine)."""
+    return run(["eval.py", *args], timeout=timeout, env={"OMP_NUM_THREADS": "1"})
+
+
+# ----- eval: a model whose answers are known -----
+# trained until it has learnt a fixed answer for each of KNOWN keys; the UNKNOWN keys it never saw.
+
+BYTE = T.get_tokenizer("byte")
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+KNOWN, UNKNOWN = "abcdefghijklmnop", "qrstuvwxyz"
+
+
+def color(key):
+    return COLORS[(ord(key) * 5) % len(COLORS)]
+
+
+def number(key):
+    return f"{(ord(key) - 90) * 1237:,}"  # a -> 8,659: thousands separators to extract
+
+
+def pairs():
+    """(prompt, answer) the model learns for each known key: multiple choice and GSM8K style."""
+    for k in KNOWN:
+        yield f"Q: {k}\nA:", f" {color(k)}"
+        yield f"Question: what is {k}?\nAnswer:", f" {k} is {number(k)} #### {number(k)}"
+
+
+_MODEL = {}
+
+
+def known_model():
+    """2-layer Llama-style byte model trained on the answers of pairs() (each ending in <|endoftext|>)
+    until it recites them: a few seconds."""
+    if "m" in _MODEL:
+        return _MODEL["m"]
+    torch.manual_seed(0)
+    cfg = M.GPTConfig(vocab_size=BYTE.n_vocab, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                      bias=False, norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=True)
+    model = M.GPT(cfg)
+    seqs = [(BYTE.encode(p), BYTE.encode(a) + [BYTE.eot_id]) for p, a in pairs()]
+    L = max(len(p) + len(a) for p, a in seqs)
+    x = torch.zeros(len(seqs), L - 1, dtype=torch.long)
+    y = torch.full((len(seqs), L - 1), -1, dtype=torch.long)
+    for i, (p, a) in enumerate(seqs):
+        x[i, :len(p) + len(a) - 1] = torch.tensor((p + a)[:-1])
+        y[i, len(p) - 1:len(p) + len(a) - 1] = torch.tensor(a)  # the loss on the answers only
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    with torch.random.fork_rng():
+        for _ in range(500):
+            logits, loss = model(x, y)
+            if loss.item() < 0.01 and bool((logits.argmax(-1) == y)[y != -1].all()):  # every answer token
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert bool((logits.argmax(-1) == y)[y != -1].all()), "the known-answer model did not learn its answers"
+    _MODEL["m"] = model.eval()
+    return _MODEL["m"]
+
+
+def save_ckpt(model, out, **extra):
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "step": 1, "config": {},
+                "tokenizer": {"kind": "byte", "path": None}, **extra}, out / "ckpt.pt")
+    return out
+
+
+def hellaswag_file(path, keys, seed=0):
+    """One question per key: ctx 'Q: k\nA:' and four colours. The answer is the key's colour for a known key,
+    and a colour drawn at random for an unknown one (nothing the model could know)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for k in keys:
+            gold = color(k) if k in KNOWN else rng.choice(COLORS)
+            endings = rng.sample([c for c in COLORS if c != gold], 3) + [gold]
+            rng.shuffle(endings)
+            f.write(json.dumps({"ctx": f"Q: {k}\nA:", "endings": endings, "label": endings.index(gold)}) + "\n")
+    return path
+
+
+@one_thread
+def test_eval_known_model_mc_100_percent_and_chance():
+    """Where the model knows the answer acc is 1; where it cannot know, acc is what chance gives. The chance
+    file asks each unknown key 24 times with fresh options and gold positions."""
+    model = known_model()
+    known = E.read_hellaswag(hellaswag_file(EVAL_TMP / "hs_known.jsonl", KNOWN))
+    r = E.multiple_choice(model, BYTE, known, known, True, 0, 0, 256, contextlib.nullcontext(), "known")
+    assert r["acc"] == 1.0 and r["acc_norm"] == 1.0 and r["n"] == len(KNOWN), r
+    unknown = E.read_hellaswag(hellaswag_file(EVAL_TMP / "hs_unknown.jsonl", UNKNOWN * 24, seed=1))
+    r = E.multiple_choice(model, BYTE, unknown, unknown, True, 0, 0, 4096, contextlib.nullcontext(), "unknown")
+    assert r["n"] == 240 and r["chance"] == 0.25
+    assert abs(r["acc"] - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 240), r  # within 4 standard errors of chance
+
+
+def test_eval_fewshot_prompts():
+    """k examples before the question, drawn per question with the seed, never the question itself; MMLU's
+    from the same subject, with the subject line once at the top."""
+    items = E.read_hellaswag(hellaswag_file(EVAL_TMP / "hs_shots.jsonl", KNOWN))
+    for i, it in enumerate(items):
+        shots = E.fewshot(items, range(len(items)), i, 3, 7, True)
+        assert len(shots) == 3 and it not in shots and len({s["context"] for s in shots}) == 3
+        assert shots == E.fewshot(items, range(len(items)), i, 3, 7, True)
+        prompt = E.mc_prompt(it, shots)
+        assert prompt.endswith("\n\n" + it["context"]) and prompt.count("\nA: ") == 3
+        assert prompt.startswith(shots[0]["context"] + shots[0]["choices"][shots[0]["gold"]] + "\n\n")
+    assert E.fewshot(items, range(len(items)), 0, 3, 7, True) != E.fewshot(items, range(len(items)), 0, 3, 8, True)
+    mmlu = EVAL_TMP / "mm"
+    mmlu.mkdir(exist_ok=True)
+    (mmlu / "anatomy_test.csv").write_text("".join(f"a{i}?,w,x,y,z,A\n" for i in range(5)))
+    (mmlu / "virology_test.csv").write_text("".join(f"v{i}?,w,x,y,z,B\n" for i in range(5)))
+    items = E.read_mmlu(mmlu)
+    groups = {}
+    for j, it in enumerate(items):
+        groups.setdefault(it["group"], []).append(j)
+    for i, it in enumerate(items):
+        shots = E.fewshot(items, groups[it["group"]], i, 4, 0, True)
+        assert len(shots) == 4 and all(s["group"] == it["group"] for s in shots) and it not in shots
+        prompt = E.mc_prompt(it, shots)
+        assert prompt.count("The following are") == 1 and prompt.count("Answer:") == 5
+
+
+@one_thread
+def test_eval_batched_scores_equal_one_at_a_time():
+    """Padding, sorting by length and the token budget change nothing: every option's log-likelihood equals
+    a plain forward of that one sequence, also when it is longer than the context and gets cut."""
+    model = known_model()
+    rng = random.Random(0)
+    reqs = []
+    for n in range(30):
+        ctx = BYTE.encode("".join(rng.choice("Q: abc\nA") for _ in range(rng.randrange(1, 70))))
+        cont = BYTE.encode(rng.choice(COLORS) * rng.randrange(1, 3))
+        reqs.append((ctx, cont))
+    got = E.loglikelihoods(model, reqs, batch_tokens=200)
+    for (ctx, cont), (s, n, greedy) in zip(reqs, got):
+        full = (ctx + cont)[-(model.config.block_size + 1):]
+        k = min(len(cont), len(full) - 1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full[:-1]]))[0][0], -1)
+        ref = logp[torch.arange(len(full) - 1 - k, len(full) - 1), torch.tensor(full[-k:])]
+        assert n == k and abs(s - ref.sum().item()) < 1e-4, (s, ref.sum().item())
+        assert greedy == bool((logp[len(full) - 1 - k:].argmax(-1) == torch.tensor(full[-k:])).all())
+
+
+def test_eval_acc_norm_differs_exactly_where_lengths_differ():
+    """Options of equal byte length: acc and acc_norm choose alike. Options of different lengths where the
+    short one has the higher sum but the lower per-byte log-prob: they choose differently."""
+    rng = random.Random(0)
+    items, lls, owner = [], [], []
+    for i in range(200):
+        same = i % 2 == 0
+        lens = [4] * 4 if same else rng.sample(range(1, 30), 4)
+        items.append({"choices": ["x" * n for n in lens], "gold": 0})
+        for n in lens:
+            lls.append((-rng.uniform(0.1, 3.0) * n, n, False))
+            owner.append(i)
+    preds = E.mc_predictions(items, lls, owner)
+    for i, (a, b) in enumerate(preds):
+        if i % 2 == 0:
+            assert a == b
+    assert any(a != b for a, b in preds[1::2])
+    # crafted: 'ab' sums -2 (-1/byte), 'abcdefgh' -4 (-0.5/byte); 'é' -2 is 2 bytes (-1/byte), 'a' -1.5
+    items = [{"choices": ["ab", "abcdefgh"], "gold": 0}, {"choices": ["é", "a"], "gold": 0}]
+    lls = [(-2.0, 1, False), (-4.0, 1, False), (-2.0, 1, False), (-1.5, 1, False)]
+    assert E.mc_predictions(items, lls, [0, 0, 1, 1]) == [(0, 1), (1, 0)]
+    m = E.mc_metrics(items, lls, [0, 0, 1, 1])
+    assert m["acc"] == 0.5 and m["acc_norm"] == 0.5 and m["chance"] == 0.5
+
+
+def test_eval_encode_pair_like_harness():
+    tok = BYTE
+    assert E.encode_pair(tok, "Q: a\nA: ", "red") == (tok.encode("Q: a\nA:"), tok.encode(" red"))
+    assert E.encode_pair(tok, "", "red") == ([tok.eot_id], tok.encode("red"))
+    if (SHARED / "gpt2.tiktoken").exists():
+        g = T.get_tokenizer("gpt2")
+        ctx, cont = E.encode_pair(g, "The cat sat on the", " mat")
+        assert ctx + cont == g.encode("The cat sat on the mat") and g.decode(cont) == " mat"
+
+
+def test_eval_gsm8k_extractor():
+    x = E.extract_number
+    assert x("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
+    assert x("#### 1,234,567") == "1234567"
+    assert x("so the answer is #### -5") == "-5"
+    assert x("She lost $-3 today") == "-3" and x("a loss of -$3.50") == "-3.5"
+    assert x("It costs $18.00.") == "18" and x("#### 18") == x("#### 18.0")
+    assert x("The tank holds 12 cm of water and 50% more") == "50"
+    assert x("The answer is 1,000 apples.") == "1000"
+    assert x("Total: 3 boxes of 1,200 g each, i.e. 3,600 g") == "3600"
+    assert x("#### 42 because 2 + 40") == "42"  # after '####' the first number, not the last
+    assert x("temperature fell to \u22127 degrees") == "-7"
+    assert x("between 5-10 apples") == "10" and x("10 - 3 = 7") == "7" and x("so 12-3=9.") == "9"
+    assert x("no number here") is None and x("####") is None
+    assert x("#### 0") == "0" and x("#### -0.0") == "0"
+
+
+@one_thread
+def test_eval_gsm8k_generation_known_and_unknown():
+    """Greedy decoding stops at the stop token and the extracted number is compared: the known questions
+    are all right, the unknown ones (whose numbers the model never saw) all wrong."""
+    model = known_model()
+    path = EVAL_TMP / "gsm.jsonl"
+    with open(path, "w") as f:
+        for k in KNOWN + UNKNOWN:
+            f.write(json.dumps({"question": f"what is {k}?", "answer": f"It is.\n#### {number(k)}"}) + "\n")
+    items = E.read_gsm8k(path)
+    assert items[0]["target"] == number("a").replace(",", "")
+    kn = E.gsm8k(model, BYTE, items[:len(KNOWN)], items, 0, 0, False, 24, contextlib.nullcontext())
+    un = E.gsm8k(model, BYTE, items[len(KNOWN):], items, 0, 0, False, 24, contextlib.nullcontext())
+    assert kn["exact_match"] == 1.0 and kn["n"] == len(KNOWN), kn
+    assert un["exact_match"] == 0.0, un
+    reply = E.generate_reply(model, BYTE, BYTE.encode("Question: what is b?\nAnswer:"), 40, ("####",),
+                             [BYTE.eot_id])
+    assert reply == f" b is {number('b')} ", reply  # cut before the stop string
+
+
+@one_thread
+def test_eval_cli_known_model_table_and_json():
+    """The whole script on a checkpoint: the table, eval.json (merged, other models' entries kept), progress."""
+    out = save_ckpt(known_model(), EVAL_TMP / "out-known")
+    (out / "eval.json").write_text(json.dumps({"gpt2": {"tasks": {"hellaswag": {"acc": 0.3}}}}))
+    p = run_eval(f"--out_dir={out}", "--tasks=hellaswag", f"--task_file={hellaswag_file(EVAL_TMP / 'k.jsonl', KNOWN)}",
+                 "--device=cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "acc (0-shot, chance 0.25)" in p.stdout and "1.0000" in p.stdout, p.stdout
+    assert "ETA" in p.stderr
+    res = json.loads((out / "eval.json").read_text())
+    assert res["gpt2"]["tasks"]["hellaswag"]["acc"] == 0.3
+    hs = res["ckpt.pt"]["tasks"]["hellaswag"]
+    assert hs["acc"] == 1.0 and hs["n"] == len(KNOWN) and res["ckpt.pt"]["step"] == 1
+    # a second task later adds to the same entry
+    lm = EVAL_TMP / "lm.txt"
+    lm.write_text("Q: a\nA: " + color("a") + "\n")
+    p = run_eval(f"--out_dir={out}", "--tasks=lm", f"--lm_data={lm}", "--device=cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["ckpt.pt"]["tasks"]) == {"hellaswag", "lm:lm.txt"}
+    assert res["ckpt.pt"]["tasks"]["lm:lm.txt"]["bytes"] == len(lm.read_bytes())
+    # a 2-shot run is filed beside the 0-shot one, not over it
+    p = run_eval(f"--out_dir={out}", "--tasks=hellaswag", f"--task_file={EVAL_TMP / 'k.jsonl'}", "--num_fewshot=2",
+                 "--device=cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())["ckpt.pt"]["tasks"]
+    assert res["hellaswag"]["acc"] == 1.0 and res["hellaswag_2shot"]["num_fewshot"] == 2
+
+
+@one_thread
+def test_eval_bits_per_byte_exact():
+    """bpb = summed loss in bits / UTF-8 bytes: equal to a direct forward on a short text; on a prepared
+    dataset meta.json's byte count equals the bytes of the decoded tokens, and a capped run counts the
+    bytes of exactly the tokens it scored."""
+    model = known_model()
+    text = "Q: c\nA: " + color("c") + " — é"
+    path = EVAL_TMP / "bpb.txt"
+    path.write_text(text, encoding="utf-8")
+    r = E.language_model(model, BYTE, ("text", path), "val", 0, 8192, contextlib.nullcontext())
+    ids = torch.tensor([[BYTE.eot_id] + BYTE.encode(text)])
+    with torch.no_grad():
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+    n_bytes = len(text.encode("utf-8"))
+    assert r["tokens"] == ids.size(1) - 1 and r["bytes"] == n_bytes
+    assert abs(r["bpb"] - loss.item() * r["tokens"] / math.log(2) / n_bytes) < 1e-5
+    assert abs(r["ppl"] - math.exp(loss.item())) < 1e-3 * r["ppl"]
+    # a prepared dataset (byte tokenizer, tiny Shakespeare cut short), its val split: several windows
+    if not (SHARED / "tinyshakespeare.txt").exists():
+        raise unittest.SkipTest("../shared/data/tinyshakespeare.txt not found")
+    src = EVAL_TMP / "shakes.txt"
+    src.write_text((SHARED / "tinyshakespeare.txt").read_text()[:20000])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare.prepare(dataset="local", data_root=str(EVAL_TMP / "data"), tokenizer="byte", input=str(src),
+                        chunk_chars=2000)
+    meta = prepare.load_meta(EVAL_TMP / "data" / "local")
+    val = prepare.read_bin(EVAL_TMP / "data" / "local" / "val_000000.bin")
+    assert E.text_bytes(BYTE, val) == meta["val"]["bytes"]
+    src_kind = E.lm_source("local", str(EVAL_TMP / "data"), "val")
+    r = E.language_model(model, BYTE, src_kind, "val", 0, 512, contextlib.nullcontext())
+    assert r["tokens"] == len(val) - 1 > 3 * model.config.block_size and r["bytes"] == meta["val"]["bytes"]
+    with torch.no_grad():  # the same sum, window by window
+        total = 0.0
+        for s in range(0, len(val) - 1, 64):
+            w = torch.tensor(val[s:s + 65].astype("int64"))[None]
+            total += model(w[:, :-1], w[:, 1:])[1].item() * (w.size(1) - 1)
+    assert abs(r["loss"] - total / r["tokens"]) < 1e-5
+    capped = E.language_model(model, BYTE, src_kind, "val", 100, 512, contextlib.nullcontext())
+    assert capped["tokens"] == 100 and capped["bytes"] == E.text_bytes(BYTE, val[1:101])
+
+
+def pydocs_root():
+    """A data_root holding only the pydocs extract (made once per test run, about a second)."""
+    root = EVAL_TMP / "pydocs-root"
+    if not (root / "pydocs" / "raw" / "pydocs.jsonl").exists():
+        with contextlib.redirect_stdout(io.StringIO()):
+            prepare.pydocs_records(root / "pydocs" / "raw", 0.1)
+    return root
+
+
+def test_eval_pydocs_task_held_out_and_deterministic():
+    """The embedded task: questions only about held-out (val) modules, four different options with the
+    object's own summary at the gold position, the same questions every time; few-shot examples from train."""
+    root = pydocs_root()
+    with contextlib.redirect_stdout(io.StringIO()):
+        items, shots = E.pydocs_items(str(root))
+        again, _ = E.pydocs_items(str(root))
+        objects = prepare.pydocs_objects(str(root))
+    assert items == again and len(items) > 200
+    val = {o["name"]: o for o in objects if o["split"] == "val"}
+    train_names = {o["name"] for o in objects if o["split"] == "train"}
+    for it in items:
+        name = it["context"].rstrip("\n").split("(")[0]
+        assert name in val and name not in train_names, name
+        assert len(set(it["choices"])) == 4 and it["choices"][it["gold"]] == E.summary(val[name]["doc"])
+    golds = [it["gold"] for it in items]
+    assert all(golds.count(g) > len(items) / 8 for g in range(4)), "gold positions should be spread"
+    assert shots and all(s["context"].rstrip("\n").split("(")[0] in train_names for s in shots[:50])
+    assert any("(" in it["context"] for it in items), "headers should carry signatures as in the corpus"
+    with contextlib.redirect_stdout(io.StringIO()):
+        seen, none = E.pydocs_items(str(root), "train")
+    assert none is None and len(seen) > len(items)
+    assert all(it["context"].rstrip("\n").split("(")[0] in train_names for it in seen[:300])
+
+
+def test_eval_task_readers_and_malformed_files():
+    """Each reader takes the public format; a malformed file names file, line and field (exit 2)."""
+    d = EVAL_TMP / "readers"
+    d.mkdir(exist_ok=True)
+    arc = d / "arc.jsonl"
+    arc.write_text(json.dumps({"question": {"stem": "Which is a gas?", "choices": [
+        {"text": "steam", "label": "A"}, {"text": "ice", "label": "B"}, {"text": "rock", "label": "C"}]},
+        "answerKey": "A"}) + "\n\n" + json.dumps({"question": {"stem": "2+2?", "choices": [
+            {"text": "4", "label": "1"}, {"text": "5", "label": "2"}]}, "answerKey": "1"}) + "\n")
+    items = E.read_arc(arc)
+    assert items[0] == {"context": "Question: Which is a gas?\nAnswer:", "choices": [" steam", " ice", " rock"], "gold": 0}
+    assert items[1]["gold"] == 0 and len(items) == 2
+    mmlu = d / "high_school_physics_test.csv"
+    mmlu.write_text('"What is\nforce?",m*a,m/a,a/m,m+a,A\nUnit of charge?,volt,coulomb,ohm,watt,B\n')
+    items = E.read_mmlu(mmlu)
+    assert items[0]["context"] == "What is\nforce?\nA. m*a\nB. m/a\nC. a/m\nD. m+a\nAnswer:" and items[1]["gold"] == 1
+    assert items[0]["prefix"].endswith("about high school physics.\n\n") and items[0]["choices"] == [" A", " B", " C", " D"]
+    hs = d / "hs.jsonl"
+    hs.write_text(json.dumps({"activity_label": "Baking", "ctx": "A man [title] mixes flour.", "endings":
+                              ["He bakes.", "He [step] swims."], "label": "1"}) + "\n")
+    assert E.read_hellaswag(hs) == [{"context": "Baking: A man. mixes flour.", "choices": [" He bakes.", " He swims."],
+                                     "gold": 1}]
+
+    bad_hs = d / "bad_hs.jsonl"
+    good = {"ctx": "x", "endings": ["a", "b"], "label": 0}
+    bad_hs.write_text("\n".join(json.dumps(x) for x in [good, good, {"ctx": "x", "label": 0}]) + "\n")
+    assert f"{bad_hs}:3: field 'endings' is missing" in expect_die(E.read_hellaswag, bad_hs)
+    bad_hs.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": 5}) + "\n")
+    assert f"{bad_hs}:2: field 'label'" in expect_die(E.read_hellaswag, bad_hs)
+    bad_hs.write_text(json.dumps(good) + "\n{not json\n")
+    assert f"{bad_hs}:2: is not valid JSON" in expect_die(E.read_hellaswag, bad_hs)
+    arc.write_text(json.dumps({"question": {"stem": "q", "choices": [{"text": "a", "label": "A"},
+                                                                     {"text": "b", "label": "B"}]},
+                               "answerKey": "E"}) + "\n")
+    assert f"{arc}:1: field 'answerKey'" in expect_die(E.read_arc, arc)
+    arc.write_text(json.dumps({"question": {"choices": []}, "answerKey": "A"}) + "\n")
+    assert f"{arc}:1: field 'question.stem' is missing" in expect_die(E.read_arc, arc)
+    mmlu.write_text("q,a,b,c,d,A\nq2,a,b,c,d,F\n")
+    assert f"{mmlu}:2: field 'answer'" in expect_die(E.read_mmlu, mmlu)
+    mmlu.write_text("q,a,b,c,d\n")
+    assert f"{mmlu}:1: has 5 columns" in expect_die(E.read_mmlu, mmlu)
+    gsm = d / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "q", "answer": "no final answer"}) + "\n")
+    assert f"{gsm}:1: field 'answer'" in expect_die(E.read_gsm8k, gsm)
+
+
+def test_eval_downloads_through_prepare():
+    """Task files come through prepare.download (here from a mirror on 127.0.0.1): HellaSwag as it is, MMLU's
+    test CSVs out of its tar, ARC's JSONL out of its zip; once there, they are not fetched again."""
+    site = EVAL_TMP / "mirror"
+    site.mkdir(exist_ok=True)
+    hellaswag_file(site / "hellaswag_val.jsonl", KNOWN[:3])
+    (EVAL_TMP / "mm-src").mkdir(exist_ok=True)
+    (EVAL_TMP / "mm-src" / "astronomy_test.csv").write_text("Which is a planet?,Mars,Sirius,Vega,Rigel,A\n")
+    with tarfile.open(site / "data.tar", "w") as t:
+        t.add(EVAL_TMP / "mm-src" / "astronomy_test.csv", "data/test/astronomy_test.csv")
+        t.add(EVAL_TMP / "mm-src" / "astronomy_test.csv", "data/dev/astronomy_dev.csv")
+    with zipfile.ZipFile(site / "ARC-V1-Feb2018.zip", "w") as z:
+        z.writestr("ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl", json.dumps(
+            {"question": {"stem": "Hot?", "choices": [{"text": "sun", "label": "A"}, {"text": "ice", "label": "B"}]},
+             "answerKey": "A"}) + "\n")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(site), **kw)
+
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    old = (os.environ.get("PREPARE_MIRROR"), E.data_root, E.task_file)
+    os.environ["PREPARE_MIRROR"] = f"http://127.0.0.1:{server.server_address[1]}"
+    E.data_root, E.task_file = str(EVAL_TMP / "dl"), ""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            items, _ = E.load_task("hellaswag")
+            assert len(items) == 3 and (EVAL_TMP / "dl" / "eval" / "hellaswag" / "hellaswag_val.jsonl").exists()
+            items, _ = E.load_task("mmlu")
+            assert [it["group"] for it in items] == ["astronomy"] and items[0]["gold"] == 0
+            assert sorted(p.name for p in (EVAL_TMP / "dl" / "eval" / "mmlu" / "test").iterdir()) == ["astronomy_test.csv"]
+            items, _ = E.load_task("arc_easy")
+            assert items == [{"context": "Question: Hot?\nAnswer:", "choices": [" sun", " ice"], "gold": 0}]
+        assert "HTTP 404" in expect_die(E.load_task, "gsm8k")  # a file the mirror does not have
+        server.shutdown()
+        server.server_close()  # the files are here now: nothing is fetched again
+        assert len(E.load_task("hellaswag")[0]) == 3 and len(E.load_task("mmlu")[0]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        E.data_root, E.task_file = old[1], old[2]
+        if old[0] is None:
+            os.environ.pop("PREPARE_MIRROR", None)
+        else:
+            os.environ["PREPARE_MIRROR"] = old[0]
+
+
+def test_eval_malformed_task_file_exit_2():
+    """Through the script: exit 2, one line naming file, line and field, before any model is loaded."""
+    bad = EVAL_TMP / "bad_cli.jsonl"
+    bad.write_text(json.dumps({"ctx": "x", "endings": ["a", "b"], "label": 0}) + "\n"
+                   + json.dumps({"ctx": "x", "endings": "ab", "label": 0}) + "\n")
+    p = run_eval(f"--out_dir={EVAL_TMP}/no-model-here", "--tasks=hellaswag", f"--task_file={bad}")
+    assert_clear_error(p, f"{bad}:2", "field 'endings'")
+    assert_clear_error(run_eval("--tasks=hellaswag,bogus"), "bogus")
+    assert_clear_error(run_eval("--tasks=hellaswag", f"--task_file={EVAL_TMP}/missing.jsonl"), "missing.jsonl")
+
+
+# ----- eval: the judge: a fake OpenAI-compatible server on 127.0.0.1 -----
+
+
+class FakeJudge:
+    """Answers POST /v1/chat/completions by `mode`: 'good' (a score), 'words' (no score), 'malformed' (not a
+    chat completion), 'slow' (too late), '503-then-good'. Records the requests it got."""
+
+    def __init__(self):
+        self.mode, self.requests, self.score = "good", [], "85"
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body))
+                mode = outer.mode
+                if mode == "503-then-good" and len(outer.requests) == 1:
+                    return self.reply(503, b"busy")
+                if mode == "slow":
+                    time.sleep(1.0)
+                if mode == "malformed":
+                    return self.reply(200, b'{"id": "x", "object": "chat.completion"}')
+                content = {"words": "The reply is quite good, I would say.", "slow": "50"}.get(mode, outer.score)
+                data = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+                self.reply(200, json.dumps(data).encode())
+
+            def reply(self, code, data):
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_eval_judge_parse_score():
+    p = E.parse_score
+    assert p("85") == 85 and p(" 85.\n") == 85 and p("Score: 70") == 70 and p("**Score:** 90/100") == 90
+    assert p("100") == 100 and p("0") == 0 and p("72\n\nThe reply misses the unit.") == 72
+    assert p("The reply is fine.\nScore: 60") == 60
+    assert p("I'd give it 85 points") is None and p("") is None and p("150") is None
+    assert p("1. The reply is wrong\n2. It is short") is None
+
+
+def test_eval_judge_client_fake_server():
+    with FakeJudge() as j:
+        score, why, said = E.ask_judge(j.url, "judge-x", "grade this", timeout=5, retries=0)
+        assert (score, why, said) == (85.0, None, "85")
+        path, body = j.requests[-1]
+        assert path == "/v1/chat/completions" and body["model"] == "judge-x"
+        assert body["messages"] == [{"role": "user", "content": "grade this"}] and body["temperature"] == 0
+        j.mode = "words"
+        assert E.ask_judge(j.url + "/v1", "m", "p", timeout=5, retries=0)[:2] == (None, "no score in reply")
+        j.mode = "malformed"
+        assert E.ask_judge(j.url, "m", "p", timeout=5, retries=0)[:2] == (None, "malformed response")
+        j.mode, n = "slow", len(j.requests)
+        t0 = time.time()
+        assert E.ask_judge(j.url, "m", "p", timeout=0.3, retries=1, backoff=0.05)[:2] == (None, "timeout")
+        assert len(j.requests) - n == 2 and time.time() - t0 < 3  # tried twice, gave up
+        j.mode, j.requests[:] = "503-then-good", []
+        assert E.ask_judge(j.url + "/v1/chat/completions", "m", "p", timeout=5, retries=2, backoff=0.05)[0] == 85
+        assert len(j.requests) == 2
+
+
+@one_thread
+def test_eval_judge_task_counts_unscored():
+    """The judge task end to end in-process: replies without a score are counted and shown, not guessed."""
+    model = known_model()
+    convs = [[{"role": "user", "content": f"What is {k}?"}, {"role": "assistant", "content": color(k)}]
+             for k in "abcd"]
+    with FakeJudge() as j:
+        E.judge_url, E.judge_timeout, E.judge_retries = j.url, 5.0, 0
+        modes = iter(["good", "words", "good", "malformed"])
+        orig = E.ask_judge
+
+        def ask(*a, **kw):
+            j.mode = next(modes)
+            j.score = "40" if len(j.requests) else "80"
+            return orig(*a, **kw)
+        E.ask_judge = ask
+        try:
+            r = E.judge(model, BYTE, convs, False, "", 8, contextlib.nullcontext())
+        finally:
+            E.ask_judge = orig
+        assert len(j.requests) == 4
+        asked = j.requests[0][1]["messages"][0]["content"]
+        assert "What is a?" in asked and f"Reference answer:\n{color('a')}" in asked
+    assert r["score"] == 60.0 and r["scored"] == 2 and r["unscored"] == 2 and r["n"] == 4, r
+    assert r["unscored_reasons"] == {"no score in reply": 1, "malformed response": 1}
+    assert r["unscored_examples"][0]["judge_said"].startswith("The reply is quite good")
+
+
+@one_thread
+def test_eval_cli_judge_chat_checkpoint():
+    """A chat checkpoint (as finetune.py writes: 'chat' and its config's data/val_frac): the script answers
+    that data's held-out conversations in the chat template, the fake judge scores them, the table shows the
+    unscored ones."""
+    import chat_data as C
+    data = EVAL_TMP / "chat.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Name colour {k}.", "input": "", "output": color(k)}) + "\n"
+                            for k in KNOWN))
+    _, val = C.load_split(str(data), "data", 0.25, "sft")
+    out = save_ckpt(known_model(), EVAL_TMP / "out-chat", chat=C.CHAT_TEMPLATE,
+                    config={"data": str(data), "val_frac": 0.25, "system_prompt": ""})
+    with FakeJudge() as j:
+        j.mode = "words"
+        p = run_eval(f"--out_dir={out}", "--tasks=judge", f"--judge_url={j.url}", "--judge_timeout=5",
+                     "--max_new_tokens=4", "--device=cpu")
+        asked = [body["messages"][0]["content"] for _, body in j.requests]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(asked) == len(val) == 4
+    assert {a.split("Instruction:\n")[1].split("\n")[0] for a in asked} == {c[0]["content"] for c in val}
+    assert "chat template" in p.stdout and "unscored (4 no score in reply)" in p.stdout, p.stdout
+    assert "The reply is quite good" in p.stdout  # shown, not guessed
+    r = json.loads((out / "eval.json").read_text())["ckpt.pt"]["tasks"]["judge"]
+    assert r["score"] is None and r["unscored"] == 4 and r["data"] == str(data)
+
+
+@one_thread
+def test_eval_cli_default_pydocs_tasks():
+    """`python eval.py`'s tasks (pydocs multiple choice, pydocs bits per byte) on a model whose tokenizer is
+    not the prepared data's: the val documents are made from the text and encoded with the model's own."""
+    out = save_ckpt(known_model(), EVAL_TMP / "out-default")
+    root = pydocs_root()
+    p = run_eval(f"--out_dir={out}", f"--data_root={root}", "--limit=40", "--lm_max_tokens=3000", "--device=cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "eval.json").read_text())["ckpt.pt"]["tasks"]
+    assert r["pydocs"]["n"] == 40 and 0 <= r["pydocs"]["acc"] <= 1 and r["pydocs"]["chance"] == 0.25
+    assert r["lm:pydocs"]["tokens"] == 3000 and r["lm:pydocs"]["data"] == "pydocs val (text)" and r["lm:pydocs"]["bpb"] > 0
+    assert "pydocs" in p.stdout and "bpb" in p.stdout
+
+
+def test_eval_unreachable_judge_exit_2():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    p = run_eval("--tasks=judge", f"--judge_url=http://127.0.0.1:{port}", f"--out_dir={EVAL_TMP}/no-model-here")
+    assert_clear_error(p, "unreachable", f"127.0.0.1:{port}")
+    assert_clear_error(run_eval("--tasks=judge"), "--judge_url")
+
+
+# ----- eval: parity with transformers -----
+
+
+@one_thread
+def test_eval_loglikelihood_parity_with_transformers():
+    """A random-init GPT2LMHeadModel imported through model.load_hf: our per-option log-likelihoods (batched,
+    padded) equal those computed directly with transformers, option by option."""
+    tr = need_transformers()
+    tok = T.get_tokenizer("gpt2") if (SHARED / "gpt2.tiktoken").exists() else BYTE
+    torch.manual_seed(0)
+    hf = tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=tok.eot_id + 1, n_positions=48,
+                                          bos_token_id=None, eos_token_id=None))  # GPT-2's 50257: no chat tokens
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights big enough that a wrong mapping would show (as scramble() does)
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[-1]))
+    hf.eval()
+    d = EVAL_TMP / "hf-gpt2"
+    hf.save_pretrained(d)
+    ours = M.load_hf(d).eval()
+    items = [{"context": "The capital of France is", "choices": [" Paris", " a city in Europe", " 42"], "gold": 0},
+             {"context": "def add(a, b):\n    return", "choices": [" a + b", " None"], "gold": 0},
+             {"context": "Once upon a time " * 12, "choices": [" there was a cat.", " the end"], "gold": 1}]
+    reqs = [E.encode_pair(tok, it["context"], c) for it in items for c in it["choices"]]
+    assert any(len(c) + len(x) > 49 for c, x in reqs), "one request should need cutting to the context"
+    got = E.loglikelihoods(ours, reqs, batch_tokens=100)
+    for (ctx, cont), (s, n, _) in zip(reqs, got):
+        full = (ctx + cont)[-49:]
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([full[:-1]])).logits[0].float(), -1)
+        k = min(len(cont), len(full) - 1)
+        ref = sum(logp[len(full) - 1 - k + j, full[len(full) - k + j]].item() for j in range(k))
+        assert n == k and abs(s - ref) < 1e-4, (s, ref)
+
+
+def test_eval_cli_hf_gpt2_import():
+    """--init_from=a Hugging Face GPT-2 directory (GPT-2's 50257 tokens, no chat tokens) scores plain-text
+    tasks, and eval.json files it under that name."""
+    tr = need_transformers()
+    if not (SHARED / "gpt2.tiktoken").exists():
+        raise unittest.SkipTest("../shared/data/gpt2.tiktoken not found")
+    torch.manual_seed(0)
+    d = EVAL_TMP / "hf-cli"
+    tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=64)).save_pretrained(d)
+    out = EVAL_TMP / "out-hf"
+    p = run_eval(f"--init_from={d}", f"--out_dir={out}", "--tasks=hellaswag",
+                 f"--task_file={hellaswag_file(EVAL_TMP / 'hs_hf.jsonl', KNOWN)}", "--device=cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "eval.json").read_text())[str(d)]
+    assert r["tasks"]["hellaswag"]["n"] == len(KNOWN) and r["step"] is None
+    gsm = EVAL_TMP / "gsm_hf.jsonl"
+    gsm.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    assert_clear_error(run_eval(f"--init_from={d}", f"--out_dir={out}", "--tasks=gsm8k", "--chat=True",
+                                f"--task_file={gsm}"), "chat tokens")
+
+
+# ----- runner -----
 
 
 def _collect():
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
     # during development each area keeps its tests in _tests_<area>.py; they are merged here later
-    import importlib
     for p in sorted(ROOT.glob("_tests_*.py")):
         mod = importlib.import_module(p.stem)
         tests += [(n, f) for n, f in vars(mod).items() if n.startswith("test_") and callable(f)]
