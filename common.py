@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
@@ -199,11 +199,6 @@ def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     return model.to(device), ckpt, tok
 
 
-def tokenizer_spec(tok, path=None):
-    """How a checkpoint records its tokenizer: a kind, plus the directory of a trained one."""
-    return {"kind": tok.kind, "path": str(path) if path else None}
-
-
 def load_tokenizer(spec):
     import tokenizer as T
     if spec["kind"] == "bpe":
@@ -241,6 +236,40 @@ def setup_ddp(device="auto"):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return True, rank, local_rank, world_size, device
+
+
+def precision(device, dtype="auto"):
+    """The dtype name and the autocast context to run the model in: 'auto' is bfloat16 on CUDA GPUs that
+    have it, float32 elsewhere (bf16 matmuls are very slow on CPUs)."""
+    import torch
+    device_type = device.split(":")[0]
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        die(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    if dtype == "float32":
+        return dtype, nullcontext()
+    return dtype, torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def accumulate_gradients(model, micro_batches, autocast, ddp):
+    """Forward and backward over the (x, y) micro-batches, each loss scaled by 1/len(micro_batches);
+    under DDP gradients are all-reduced on the last micro-step only. Returns the step's mean loss,
+    averaged over ranks (a float: NaN and inf are the caller's to check before optimizer.step())."""
+    import torch
+    n = len(micro_batches)
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        sync = nullcontext() if not ddp or i == n - 1 else model.no_sync()
+        with sync:
+            with autocast:  # the forward only: backward runs in the forward's dtypes anyway
+                _, loss = model(x, y)
+            loss = loss / n
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
+    if ddp:
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    return float(loss_sum)
 
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters, schedule="cosine", cooldown_frac=0.2):

@@ -7,17 +7,15 @@ Pretrain a GPT on token shards from prepare.py: one CPU or GPU, or many with tor
 """
 import json
 import math
-import os
-import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import Progress, configure, die, fmt_time, get_lr, load_checkpoint, save_checkpoint, setup_ddp, tokenizer_spec
+from common import (accumulate_gradients, configure, die, fmt_time, get_lr, load_checkpoint, precision,
+                    save_checkpoint, setup_ddp)
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -85,8 +83,6 @@ if compile is not None and not isinstance(compile, bool):
     die(f"compile must be True, False or None (auto), got {compile!r}")
 if lr_schedule not in ("cosine", "wsd"):
     die(f"lr_schedule must be 'cosine' or 'wsd', got '{lr_schedule}'")
-if dtype not in ("auto", "float32", "bfloat16", "float16"):
-    die(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device)
 master = rank == 0
@@ -97,16 +93,13 @@ if total_batch_size % tokens_per_micro:
         f"{tokens_per_micro}")
 grad_accum = total_batch_size // tokens_per_micro
 lr_decay_iters = lr_decay_iters or max_iters
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+dtype, autocast = precision(device, dtype)
 if compile is None:
     compile = device_type == "cuda"
 torch.manual_seed(seed + rank)  # dropout differs per rank; the data order below does not
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-autocast = (nullcontext() if dtype == "float32" else
-            torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
 out = Path(out_dir)
 ckpt_path = out / "ckpt.pt"
 if init_from == "scratch" and ckpt_path.exists() and not eval_only:
@@ -276,23 +269,11 @@ while True:
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
-    for micro in range(grad_accum):
-        first = (micro * world_size + rank) * batch_size
-        x, y = get_batch("train", ix[first:first + batch_size])
-        # only the last micro-step all-reduces gradients
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
-        with sync, autocast:
-            _, loss = model(x, y)
-            loss = loss / grad_accum
-        loss.backward()
-        loss_sum += loss.detach()
+    rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
+    lossf = accumulate_gradients(model, [get_batch("train", ix[r:r + batch_size]) for r in rows], autocast, ddp)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if ddp:
-        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-    lossf = loss_sum.item()
     if not math.isfinite(lossf):
         saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
         die(f"loss is {lossf} at step {step}; {saved}. Lower --learning_rate or check the data")
