@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from common import Progress, atomic_path, configure, die, fmt_num, load_model, load_tokenizer, pick_device
+from common import (Progress, atomic_path, configure, die, fmt_num, load_model, load_tokenizer, pick_device,
+                    precision)
 
 # -----------------------------------------------------------------------------
 # default config
@@ -909,15 +910,12 @@ def main():
     dev = pick_device(device)
     model, ckpt, tok = load_model(init_from, out_dir, dev)
     model.eval()
-    # bf16 autocast on GPUs that have it, as in training; float32 elsewhere (log-probs are taken in float32)
-    want = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported()
-                                          else "float32")
-    autocast = nullcontext() if want == "float32" else torch.autocast(dev.split(":")[0], dtype=getattr(torch, want))
+    want, autocast = precision(dev, dtype)  # as in training; log-probs are taken in float32
     if chat is None:
         chat = bool(ckpt and ckpt.get("chat"))
     if chat and tok.special["<|end|>"] >= model.config.vocab_size:
-        die(f"--chat=True but the model has no embeddings for the chat tokens (a base model): fine-tune it "
-            f"first (finetune.py) or leave --chat unset")
+        die("--chat=True but the model has no embeddings for the chat tokens (a base model): fine-tune it "
+            "first (finetune.py) or leave --chat unset")
     key = "ckpt.pt" if init_from == "resume" else init_from
     info = {"init_from": init_from, "step": ckpt.get("step") if ckpt else None,
             "params": model.num_params(), "tokenizer": f"{tok.kind} ({tok.n_vocab})"}

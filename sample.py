@@ -10,12 +10,11 @@ import codecs
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from common import configure, die, load_model, pick_device
+from common import configure, die, load_model, pick_device, precision
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ..., or a Hugging Face model directory
@@ -46,9 +45,7 @@ if start.startswith('FILE:'):
     if not path.is_file():
         die(f"prompt file {path} not found (--start=FILE:path reads the prompt from a file)")
     start = path.read_text(encoding='utf-8')
-# bf16 autocast on GPUs that have it, as in training; float32 elsewhere
-bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
-ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
+_, ctx = precision(device)  # bf16 autocast on GPUs that have it, as in training; float32 elsewhere
 if chat:  # replies stream and end at <|end|>; the prompt is the conversation in the chat template
     from chat_data import chat_session
     chat_session(model, tok, ckpt, None if start == "\n" else start, max_new_tokens, temperature, top_k, top_p,

@@ -1,0 +1,255 @@
+"""
+Direct Preference Optimization: from pairs (prompt, chosen reply, rejected reply), make the SFT model prefer
+the chosen replies more than it did, with no reward model and no sampling (Rafailov et al., 2023).
+The policy starts from the SFT checkpoint; the reference is those same weights frozen, so its log-probs are
+computed once, up front, and no second model sits in memory. A reply's log-prob is the SUM over its tokens
+(including its <|end|>), as in the paper and TRL (a per-token mean lets DPO collapse).
+
+    python dpo.py                                           # out-sft on pydocs-pref -> out-dpo (offline)
+    python dpo.py --init_from=out-sft-instr --data=../shared/data/instruction-data-with-preference.json
+    python dpo.py --loss_type=ipo --beta=0.5 ; python dpo.py --label_smoothing=0.1   # IPO ; conservative DPO
+Logged (train and held-out): rewards/chosen and rewards/rejected = beta * (log pi - log ref) of each side,
+rewards/margins = their difference, rewards/accuracy = how often it is > 0, and pref_accuracy = how often
+the model itself gives the chosen reply the higher log-prob (the reference's is printed at step 0).
+"""
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from common import Progress, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
+import chat_data as C
+
+# -----------------------------------------------------------------------------
+# I/O
+init_from = "out-sft"      # the SFT checkpoint directory (finetune.py's out_dir)
+out_dir = "out-dpo"
+overwrite = False          # True: replace a checkpoint already in out_dir
+eval_interval = 100        # steps between evaluations on held-out and train pairs (the best held-out loss is saved)
+log_interval = 10
+# data
+data = "pydocs-pref"       # pydocs-pref | hh-rlhf | a .json / .jsonl(.gz) file of preference records
+data_root = "data"
+val_frac = 0.1
+max_pairs = 0              # train on the first N pairs only (0: all)
+eval_pairs = 500           # held-out pairs per evaluation, evenly spread (0: all); as many train pairs are scored too
+system_prompt = ""         # a system message before every prompt (use the one SFT used, if any)
+block_size = 0             # 0: the model's context; longer pairs are cut
+# DPO
+loss_type = "sigmoid"      # 'sigmoid' (DPO) | 'ipo' | 'hinge' (SLiC)
+beta = 0.1                 # strength of the pull towards the reference (higher: stay closer)
+label_smoothing = 0.0      # sigmoid only: the share of labels assumed flipped (conservative DPO)
+# optimization
+batch_size = 8             # pairs per micro-step per rank
+grad_accum = 1
+epochs = 1
+max_iters = 0              # 0: `epochs` passes over the train pairs
+learning_rate = 5e-5
+min_lr = 5e-6
+lr_schedule = "cosine"
+warmup_iters = 10
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# system
+device = "auto"
+dtype = "auto"
+seed = 1337
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+for k in ("eval_interval", "log_interval", "batch_size", "grad_accum", "epochs"):
+    if config[k] <= 0:
+        die(f"{k} must be positive, got {config[k]}")
+if loss_type not in ("sigmoid", "ipo", "hinge"):
+    die(f"loss_type must be sigmoid, ipo or hinge, got '{loss_type}'")
+if beta <= 0:
+    die(f"beta must be positive, got {beta}")
+if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
+    die(f"label_smoothing must be in [0, 0.5) and only with loss_type='sigmoid' (got {label_smoothing}, {loss_type})")
+if Path(out_dir).resolve() == Path(init_from).resolve():
+    die(f"out_dir '{out_dir}' is the SFT model's directory: write DPO into another --out_dir")
+ckpt_path = Path(out_dir) / "ckpt.pt"
+if ckpt_path.exists() and not overwrite:
+    die(f"{ckpt_path} already exists: choose another --out_dir, or pass --overwrite=True to replace it")
+
+ddp, rank, local_rank, world_size, device = setup_ddp(device)
+master = rank == 0
+device_type = device.split(":")[0]
+dtype, autocast = precision(device, dtype)
+torch.manual_seed(seed + rank)
+
+model, base, tok = C.load_start(init_from, device, grow_vocab=True)  # so that a model lacking them gets here:
+if base is None or not base.get("chat"):
+    die(f"{init_from} is not a chat model (it was never fine-tuned with the chat tokens): "
+        f"run SFT first (python finetune.py --init_from={init_from} --out_dir=out-sft), then dpo.py --init_from=out-sft")
+block_size = block_size or model.config.block_size
+if block_size > model.config.block_size:
+    die(f"block_size={block_size} exceeds the model's context of {model.config.block_size}")
+# no dropout: the policy's log-probs must be comparable to the reference's (eval mode throughout)
+model.eval()
+
+train_pairs, val_pairs = C.load_split(data, data_root, val_frac, "pref")
+if max_pairs:
+    train_pairs = train_pairs[:max_pairs]
+val_pairs = C.spread(val_pairs, eval_pairs)
+train_set = C.encode_pairs(tok, train_pairs, block_size, f"{data} train", system_prompt)
+val_set = C.encode_pairs(tok, val_pairs, block_size, f"{data} val", system_prompt)
+rows_per_step = batch_size * grad_accum * world_size
+max_iters = max_iters or max(1, epochs * len(train_set) // rows_per_step)
+# the train pairs scored at each evaluation: the first ones, as many as held out (batched as the reference
+# scores them, so at step 0 the policy's log-probs equal the reference's exactly and every reward is 0)
+train_eval_ix = list(range(min(len(val_set), len(train_set))))
+
+
+def logps(pairs, with_grad=False):
+    """(chosen, rejected) summed log-probs of the replies of these pairs: one forward pass for both sides."""
+    x, y = C.pair_batch(pairs, tok.eot_id, device)
+    net = model if with_grad else raw_model  # scoring skips DDP (ranks score different numbers of batches)
+    with (nullcontext() if with_grad else torch.no_grad()), autocast:
+        logits, _ = net(x)
+    lp = C.sequence_logps(logits, y)
+    return lp[:len(pairs)], lp[len(pairs):]
+
+
+def all_logps(pairs, desc=None):
+    """Log-probs of every pair, each rank scoring a share (then summed across ranks)."""
+    out = torch.zeros(2, len(pairs), device=device)
+    mine = list(range(rank, len(pairs), world_size))
+    progress = Progress(len(mine), desc, " pairs") if desc and master else None
+    for i in range(0, len(mine), batch_size):
+        ix = mine[i:i + batch_size]
+        c, r = logps([pairs[j] for j in ix])
+        out[0, ix], out[1, ix] = c.float(), r.float()
+        if progress:
+            progress.update(len(ix))
+    if progress:
+        progress.close()
+    if ddp:
+        torch.distributed.all_reduce(out)
+    return out
+
+
+raw_model = model
+t0 = time.time()
+# the reference: the weights we start from, scored once; training never runs it again
+ref_train = all_logps(train_set, "reference log-probs (train)")
+ref_val = all_logps(val_set, "reference log-probs (val)")
+if master:
+    print(f"{data}: {len(train_set)} train pairs, {len(val_set)} held out; reference log-probs in "
+          f"{time.time() - t0:.1f}s; {max_iters} steps of {rows_per_step} pairs, {loss_type} loss, beta {beta}")
+
+
+def scores(pi, ref):
+    """The logged figures of policy log-probs pi against the reference's ref (each 2 x N: chosen, rejected)."""
+    losses, r_c, r_r = C.dpo_loss(pi[0], pi[1], ref[0], ref[1], beta, loss_type, label_smoothing)
+    return {"loss": losses.mean().item(), "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+            "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracy": (r_c > r_r).float().mean().item(),
+            "pref_accuracy": (pi[0] > pi[1]).float().mean().item()}
+
+
+def evaluate():
+    return {"val": scores(all_logps(val_set), ref_val),
+            "train": scores(all_logps([train_set[i] for i in train_eval_ix]), ref_train[:, train_eval_ix])}
+
+
+def show(step, ev):
+    for split in ("train", "val"):
+        s = ev[split]
+        print(f"step {step} {split:5s}: loss {s['loss']:.4f} | rewards chosen {s['rewards/chosen']:+.3f} "
+              f"rejected {s['rewards/rejected']:+.3f} margin {s['rewards/margins']:+.3f} "
+              f"accuracy {s['rewards/accuracy']:.3f} | pref accuracy {s['pref_accuracy']:.3f}")
+
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+metrics = None
+if master:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    metrics = open(Path(out_dir) / "metrics.jsonl", "a")
+
+
+def log(record):
+    if master:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+
+def flat(ev):
+    return {f"{split}/{k}": v for split, s in ev.items() for k, v in s.items()}
+
+# -----------------------------------------------------------------------------
+# training
+
+ev_before = evaluate()
+if master:
+    show(0, ev_before)
+    log({"step": 0, **flat(ev_before)})
+gen = torch.Generator().manual_seed(seed)
+order = C.batch_order(len(train_set), rows_per_step, gen)
+best_ev = ev_before
+step, best_val, t_start, t_last = 0, float("inf"), time.time(), time.time()
+while step < max_iters:
+    lr = get_lr(step, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ix = next(order)
+    stats = torch.zeros(4, device=device)  # loss, margin, accuracy, pairs: this step's train figures
+    for micro in range(grad_accum):
+        first = (micro * world_size + rank) * batch_size
+        rows = ix[first:first + batch_size]
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+        with sync:
+            pi_c, pi_r = logps([train_set[i] for i in rows], with_grad=True)
+            losses, r_c, r_r = C.dpo_loss(pi_c, pi_r, ref_train[0, rows], ref_train[1, rows], beta, loss_type,
+                                          label_smoothing)
+            (losses.mean() / grad_accum).backward()
+        stats += torch.stack([losses.detach().sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(),
+                              torch.tensor(float(len(rows)), device=device)])
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if ddp:
+        torch.distributed.all_reduce(stats)
+    lossf, margin, acc = (stats[:3] / stats[3]).tolist()
+    if not math.isfinite(lossf):
+        die(f"loss is {lossf} at step {step}; nothing more was saved. Lower --learning_rate or check the data")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if master and step % log_interval == 0:
+        now = time.time()
+        eta = (now - t_start) / step * (max_iters - step)
+        print(f"step {step}/{max_iters} | loss {lossf:.4f} | margin {margin:+.3f} | accuracy {acc:.2f} | "
+              f"lr {lr:.2e} | {(now - t_last) / log_interval * 1000:.0f} ms/step | ETA {fmt_time(eta)}")
+        t_last = now
+        log({"step": step, "loss": lossf, "rewards/margins": margin, "rewards/accuracy": acc, "lr": lr})
+    if step % eval_interval == 0 or step == max_iters:
+        t_eval = time.time()
+        ev = evaluate()
+        t_last += time.time() - t_eval
+        if master:
+            show(step, ev)
+            log({"step": step, **flat(ev)})
+            if ev["val"]["loss"] < best_val:
+                best_val, best_ev = ev["val"]["loss"], ev
+                summary = {"init_from": init_from, "data": data, "step": step, "loss_type": loss_type, "beta": beta,
+                           "val_before": ev_before["val"], "val": ev["val"]}
+                save_checkpoint(C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
+                                                      "dpo", summary), ckpt_path)
+                print(f"saved {ckpt_path} (best held-out DPO loss so far)")
+
+if master:
+    metrics.close()
+    b, a = ev_before["val"], best_ev["val"]
+    print(f"done in {fmt_time(time.time() - t_start)}. Held-out preference accuracy (chosen more likely than "
+          f"rejected): reference {b['pref_accuracy']:.3f} -> DPO {a['pref_accuracy']:.3f}; reward margin "
+          f"{a['rewards/margins']:+.3f}, reward accuracy {a['rewards/accuracy']:.3f}; checkpoint {ckpt_path} "
+          f"(chat: python sample.py --out_dir={out_dir} --chat=True)")
+if ddp:
+    torch.distributed.destroy_process_group()
