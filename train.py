@@ -24,7 +24,7 @@ import prepare
 out_dir = "out"
 eval_interval = 50        # evaluate, log val loss and save a checkpoint every this many steps
 log_interval = 10
-eval_iters = 20            # batches per split for each evaluation
+eval_iters = 10            # batches per split for each evaluation
 eval_only = False
 always_save_checkpoint = True   # False: save only when val loss improves
 init_from = "scratch"      # 'scratch' | 'resume' (out_dir/ckpt.pt) | 'gpt2'... | a Hugging Face directory

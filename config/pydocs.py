@@ -20,3 +20,4 @@ min_lr = 3e-4
 max_iters = 250
 warmup_iters = 20
 eval_interval = 50
+eval_iters = 10
