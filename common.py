@@ -221,21 +221,27 @@ def pick_device(device="auto"):
     return "cpu"
 
 
-def setup_ddp(device="auto"):
-    """Under torchrun: init the process group (nccl on CUDA, gloo on CPU) and pin this rank's
-    device. Returns (ddp, rank, local_rank, world_size, device)."""
+def setup_ddp(device="auto", seed=1337):
+    """Under torchrun: init the process group (nccl on CUDA, gloo on CPU) and pin this rank's device.
+    Seeds torch with seed + rank (dropout differs per rank; data order is the scripts' own generators)
+    and allows TF32 matmuls on CUDA. Returns (ddp, rank, local_rank, world_size, device)."""
     import torch
     import torch.distributed as dist
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1, pick_device(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
     device = pick_device(device)
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    torch.manual_seed(seed + rank)
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return True, rank, local_rank, world_size, device
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, local_rank, world_size, device
 
 
 def precision(device, dtype="auto"):

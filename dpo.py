@@ -77,11 +77,10 @@ ckpt_path = Path(out_dir) / "ckpt.pt"
 if ckpt_path.exists() and not overwrite:
     die(f"{ckpt_path} already exists: choose another --out_dir, or pass --overwrite=True to replace it")
 
-ddp, rank, local_rank, world_size, device = setup_ddp(device)
+ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
 dtype, autocast = precision(device, dtype)
-torch.manual_seed(seed + rank)
 
 model, base, tok = C.load_start(init_from, device, grow_vocab=True)  # so that a model lacking them gets here:
 if base is None or not base.get("chat"):

@@ -84,7 +84,7 @@ if compile is not None and not isinstance(compile, bool):
 if lr_schedule not in ("cosine", "wsd"):
     die(f"lr_schedule must be 'cosine' or 'wsd', got '{lr_schedule}'")
 
-ddp, rank, local_rank, world_size, device = setup_ddp(device)
+ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
 tokens_per_micro = batch_size * block_size * world_size
@@ -96,10 +96,6 @@ lr_decay_iters = lr_decay_iters or max_iters
 dtype, autocast = precision(device, dtype)
 if compile is None:
     compile = device_type == "cuda"
-torch.manual_seed(seed + rank)  # dropout differs per rank; the data order below does not
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 out = Path(out_dir)
 ckpt_path = out / "ckpt.pt"
 if init_from == "scratch" and ckpt_path.exists() and not eval_only:
