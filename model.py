@@ -101,6 +101,21 @@ def apply_rope(x, cos, sin):
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear with a decoding fast path. Batch-1 decoding is bound by reading the weights, and on CPU
+    MKL's matrix-vector product streams a wide weight stored (in, out) ~1.6x faster than nn.Linear's
+    (out, in) (x @ W^T on a 2-core AVX2 CPU; slower when out < in). generate() sets weight_t, a
+    transposed copy, for the length of a call on CPU; training and state_dict never see it."""
+    weight_t = None
+
+    def forward(self, x):
+        if self.weight_t is None or torch.is_grad_enabled():  # the copy is for inference only
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, x.size(-1))
+        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        return y.view(*x.shape[:-1], -1)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -109,8 +124,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
         # q, k and v projections in one matmul: n_head query heads, n_kv_head key and value heads
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, rope=None, cache=None, pos=0):
         B, T, C = x.shape
@@ -152,8 +167,8 @@ class MLP(nn.Module):
         self.kind, self.dropout = config.mlp, config.dropout
         self.swiglu = config.mlp == 'swiglu'
         # SwiGLU's gate and up projections are fused into one matmul: [gate; up]
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden * (2 if self.swiglu else 1), bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.mlp_hidden * (2 if self.swiglu else 1), bias=config.bias)
+        self.c_proj = Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -196,7 +211,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2*n_layer)
@@ -252,7 +267,7 @@ class GPT(nn.Module):
         old_wte, old_head = self.transformer.wte.weight, self.lm_head.weight
         keep = min(new_vocab_size, old_wte.size(0))
         wte = nn.Embedding(new_vocab_size, self.config.n_embd, device=old_wte.device, dtype=old_wte.dtype)
-        head = nn.Linear(self.config.n_embd, new_vocab_size, bias=False, device=old_wte.device, dtype=old_wte.dtype)
+        head = Linear(self.config.n_embd, new_vocab_size, bias=False, device=old_wte.device, dtype=old_wte.dtype)
         self._init_weights(wte)
         wte.weight[:keep] = old_wte[:keep]
         if self.config.tie_embeddings:
@@ -312,11 +327,20 @@ class GPT(nn.Module):
             raise ValueError("generate needs a non-empty (B, T) prompt")
         was_training = self.training
         self.eval()
+        cpu = idx.device.type == 'cpu'  # GPUs read both weight layouts equally fast
         try:
+            self.decode_weights(cpu)
             yield from self._generate(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed,
                                       num_samples, use_cache)
         finally:
+            self.decode_weights(False)
             self.train(was_training)
+
+    def decode_weights(self, on=True):
+        """Give every Linear with out >= in its transposed copy for CPU decoding (see Linear), or drop them."""
+        for m in self.modules():
+            if isinstance(m, Linear) and m.out_features >= m.in_features:
+                m.weight_t = m.weight.detach().t().contiguous() if on else None
 
     def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, num_samples, use_cache):
         B0, T0 = idx.shape

@@ -486,6 +486,31 @@ def test_model_kv_cache_logits_match():
         assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
 
 
+def test_model_decode_weights_same_logits_and_dropped_after_generate():
+    """CPU decoding's transposed weight copies give the nn.Linear logits, never reach training, and are
+    gone when a generator is closed early."""
+    for style in (dict(bias=True), LLAMA):
+        model = tiny(**style)
+        idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            plain = model(idx)[0]
+            model.decode_weights(True)
+            assert model.lm_head.weight_t is not None and model.lm_head.weight_t.is_contiguous()
+            fast = model(idx)[0]
+        assert (fast - plain).abs().max() < 1e-5
+        # with grad on, the copies are ignored: gradients still reach the weights
+        model(idx, idx)[1].backward()
+        assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+        model.decode_weights(False)
+        model.train()
+        gen = model.generate(idx, 10, temperature=0)
+        next(gen)
+        assert model.lm_head.weight_t is not None  # in use while generating
+        gen.close()
+        assert all(getattr(m, 'weight_t', None) is None for m in model.modules())
+        assert model.training  # and the mode is restored
+
+
 @one_thread
 def test_model_sampling_options():
     model = tiny(**LLAMA)
