@@ -278,6 +278,18 @@ def accumulate_gradients(model, micro_batches, autocast, ddp):
     return float(loss_sum)
 
 
+def clip_gradients(params, max_norm):
+    """Scale the gradients so their global L2 norm is at most max_norm (0: never); returns the norm before
+    clipping, for the logs. The multiply is skipped when it would be by 1: on CPU it is one op per
+    tensor, ~1.5% of nanoGPT's baby shakespeare_char step."""
+    import torch
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm > 0 and norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters, schedule="cosine", cooldown_frac=0.2):
     """Linear warmup, then cosine to min_lr at decay_iters ('cosine'), or hold and decay linearly
     over the last cooldown_frac of decay_iters ('wsd': warmup-stable-decay)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import Progress, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
+from common import Progress, clip_gradients, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
 import chat_data as C
 
 # -----------------------------------------------------------------------------
@@ -211,8 +211,7 @@ while step < max_iters:
             (losses.mean() / grad_accum).backward()
         stats += torch.stack([losses.detach().sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(),
                               torch.tensor(float(len(rows)), device=device)])
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = clip_gradients(model.parameters(), grad_clip)
     if ddp:
         torch.distributed.all_reduce(stats)
     lossf, margin, acc = (stats[:3] / stats[3]).tolist()
@@ -227,7 +226,8 @@ while step < max_iters:
         print(f"step {step}/{max_iters} | loss {lossf:.4f} | margin {margin:+.3f} | accuracy {acc:.2f} | "
               f"lr {lr:.2e} | {(now - t_last) / log_interval * 1000:.0f} ms/step | ETA {fmt_time(eta)}")
         t_last = now
-        log({"step": step, "loss": lossf, "rewards/margins": margin, "rewards/accuracy": acc, "lr": lr})
+        log({"step": step, "loss": lossf, "rewards/margins": margin, "rewards/accuracy": acc, "lr": lr,
+             "grad_norm": grad_norm})
     if step % eval_interval == 0 or step == max_iters:
         t_eval = time.time()
         ev = evaluate()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import accumulate_gradients, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
+from common import accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
 import chat_data as C
 
 # -----------------------------------------------------------------------------
@@ -140,8 +140,7 @@ while step < max_iters:
     rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
     lossf = accumulate_gradients(model, [C.collate([train_set[i] for i in ix[r:r + batch_size]], tok.eot_id, device)
                                          for r in rows], autocast, ddp)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = clip_gradients(model.parameters(), grad_clip)
     if not math.isfinite(lossf):
         die(f"loss is {lossf} at step {step}; nothing more was saved. Lower --learning_rate or check the data")
     optimizer.step()
@@ -150,10 +149,10 @@ while step < max_iters:
     if master and step % log_interval == 0:
         now = time.time()
         eta = (now - t0) / step * (max_iters - step)
-        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | "
+        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
               f"{(now - t_last) / log_interval * 1000:.0f} ms/step | ETA {fmt_time(eta)}")
         t_last = now
-        log({"step": step, "loss": lossf, "lr": lr})
+        log({"step": step, "loss": lossf, "lr": lr, "grad_norm": grad_norm})
     if step % eval_interval == 0 or step == max_iters:
         t_eval = time.time()
         val = held_out_loss()

@@ -182,6 +182,22 @@ def test_lr_schedule():
     assert wsd[10] == wsd[80] == 1.0 and abs(wsd[90] - 0.5) < 1e-9 and wsd[100] == 0.0
 
 
+def test_clip_gradients_matches_torch_and_skips_when_below():
+    from common import clip_gradients
+    for max_norm, scale in ((1.0, 10.0), (1.0, 0.01), (0.0, 10.0)):
+        a, b = tiny(), tiny()
+        x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+        for m in (a, b):
+            (m(x, x)[1] * scale).backward()
+        norm = clip_gradients(a.parameters(), max_norm)
+        ref = torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm if max_norm > 0 else float("inf"))
+        assert abs(norm - float(ref)) < 1e-4 * float(ref)  # the norm before clipping
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(pa.grad, pb.grad, rtol=1e-5, atol=1e-8)
+        if max_norm > 0 and norm > max_norm:  # clipped to max_norm
+            assert abs(torch.nn.utils.get_total_norm([p.grad for p in a.parameters()]) - max_norm) < 1e-4
+
+
 # ----- config / train: train.py -----
 
 
@@ -509,6 +525,15 @@ def test_model_decode_weights_same_logits_and_dropped_after_generate():
         gen.close()
         assert all(getattr(m, 'weight_t', None) is None for m in model.modules())
         assert model.training  # and the mode is restored
+        # the copies' memory is reused, but they are refilled: a fused AdamW step (which does not bump
+        # the weights' version counters) is seen by the next generate()
+        opt = model.configure_optimizers(0.0, 0.5, (0.9, 0.95), 'cpu')
+        model(idx, idx)[1].backward()
+        opt.step()
+        with torch.no_grad():
+            want = model.eval()(idx)[0][:, -1].argmax(-1)
+        assert next(model.generate(idx, 1, temperature=0)).tolist() == want.tolist()
+        assert (model.lm_head.weight.t() == model.decode_buffers['lm_head']).all()
 
 
 @one_thread

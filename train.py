@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (accumulate_gradients, configure, die, fmt_time, get_lr, load_checkpoint, precision,
+from common import (accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, load_checkpoint, precision,
                     save_checkpoint, setup_ddp)
 import prepare
 
@@ -268,8 +268,7 @@ while True:
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
     lossf = accumulate_gradients(model, [get_batch("train", ix[r:r + batch_size]) for r in rows], autocast, ddp)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = clip_gradients(model.parameters(), grad_clip)
     if not math.isfinite(lossf):
         saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
         die(f"loss is {lossf} at step {step}; {saved}. Lower --learning_rate or check the data")
@@ -285,8 +284,9 @@ while True:
         mfu = raw_model.estimate_mfu(tok_s / world_size, device)
         eta = train_time / (step - start_step) * (max_iters - step)
         mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s{mfu_s} | ETA {fmt_time(eta)}")
-        log({"step": step, "loss": lossf, "lr": lr, "tok_per_sec": tok_s, "mfu": mfu,
+        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
+              f"{tok_s / 1e3:.1f}k tok/s{mfu_s} | ETA {fmt_time(eta)}")
+        log({"step": step, "loss": lossf, "lr": lr, "grad_norm": grad_norm, "tok_per_sec": tok_s, "mfu": mfu,
              "time": round(now - t_start, 3)})
 
 if master:
