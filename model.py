@@ -346,10 +346,10 @@ class GPT(nn.Module):
                 if not on:
                     m.weight_t = None
                     continue
-                w = m.weight.detach()
-                if name not in bufs or bufs[name].shape != w.t().shape or bufs[name].dtype != w.dtype:
-                    bufs[name] = torch.empty_like(w.t(), memory_format=torch.contiguous_format)
-                m.weight_t = bufs[name].copy_(w.t())
+                wt = m.weight.detach().t()
+                if name not in bufs or bufs[name].shape != wt.shape or bufs[name].dtype != wt.dtype:
+                    bufs[name] = torch.empty_like(wt, memory_format=torch.contiguous_format)
+                m.weight_t = bufs[name].copy_(wt)
 
     def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, num_samples, use_cache):
         B0, T0 = idx.shape
