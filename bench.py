@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import eval as E
+import hf as H
 import model as M
 import tokenizer as T
 
@@ -81,7 +81,7 @@ def _decode_row(name, config, new_tokens, recompute_tokens, hf_class):
     row['hf'] = None
     if hf_class is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            M.save_hf(model, tmp)
+            H.save_hf(model, tmp)
             hf = hf_class.from_pretrained(tmp).eval()
 
         def hf_run(n):

@@ -260,6 +260,22 @@ def load_split(data, data_root, val_frac, kind):
 # the model to start from, and the checkpoint a fine-tune writes
 
 
+def output_checkpoint(config, start):
+    """out_dir/ckpt.pt of a fine-tuning run, once the settings finetune.py and dpo.py share are checked:
+    counts are positive, and neither the starting model (`start` names it) nor an existing checkpoint is
+    ever overwritten (the latter unless --overwrite=True)."""
+    for k in ("eval_interval", "log_interval", "batch_size", "grad_accum", "epochs"):
+        if config[k] <= 0:
+            die(f"{k} must be positive, got {config[k]}")
+    out_dir = Path(config["out_dir"])
+    if out_dir.resolve() == Path(config["init_from"]).resolve():
+        die(f"out_dir '{out_dir}' is the {start}'s directory: write into another --out_dir (the {start} is kept)")
+    ckpt_path = out_dir / "ckpt.pt"
+    if ckpt_path.exists() and not config["overwrite"]:
+        die(f"{ckpt_path} already exists: choose another --out_dir, or pass --overwrite=True to replace it")
+    return ckpt_path
+
+
 def load_start(init_from, device, grow_vocab=False):
     """(model, checkpoint or None, tokenizer) from a directory holding a ckpt.pt of train.py, finetune.py or
     dpo.py, a GPT-2 name (gpt2, gpt2-medium, ...) or a directory in Hugging Face layout."""

@@ -3,6 +3,7 @@ Pieces every script shares: config overrides, clear errors, atomic writes, progr
 checkpoint I/O, device and DDP set-up, the learning-rate schedule and model loading.
 """
 import ast
+import json
 import math
 import os
 import sys
@@ -170,6 +171,7 @@ def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     grow_vocab: a model with fewer embedding rows than the tokenizer has tokens (GPT-2's 50257 lack the chat
     tokens) gets new rows, up to a multiple of 64 (fine-tuning then learns them); otherwise that is an error.
     Returns (model, checkpoint or None, tokenizer)."""
+    import hf
     import model as M
     import tokenizer as T
     if init_from == "resume":
@@ -180,9 +182,9 @@ def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     else:
         ckpt = None
         if init_from.startswith("gpt2") and not os.path.isdir(init_from):
-            model = M.from_pretrained(init_from)
+            model = hf.from_pretrained(init_from)
         elif os.path.isdir(init_from):
-            model = M.load_hf(init_from)
+            model = hf.load_hf(init_from)
         else:
             die(f"init_from='{init_from}' is neither 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
                 f"nor a directory in Hugging Face layout")
@@ -288,6 +290,31 @@ def clip_gradients(params, max_norm):
     if max_norm > 0 and norm > max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+def metrics_log(out_dir, enabled=True):
+    """A log(record) that appends the record as one JSON line to out_dir/metrics.jsonl and flushes it (so a
+    killed run keeps every line); a no-op where not enabled (DDP ranks other than 0)."""
+    if not enabled:
+        return lambda record: None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    f = open(Path(out_dir) / "metrics.jsonl", "a")
+
+    def log(record):
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+    return log
+
+
+def optimizer_step(optimizer, lr, lossf, step, saved):
+    """Apply the step's gradients at learning rate lr, then clear them. A NaN or inf loss stops the run
+    (exit 2) before the weights are touched; `saved` says what the user still has."""
+    if not math.isfinite(lossf):
+        die(f"loss is {lossf} at step {step}; {saved}. Lower --learning_rate or check the data")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters, schedule="cosine", cooldown_frac=0.2):

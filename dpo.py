@@ -12,15 +12,13 @@ Logged (train and held-out): rewards/chosen and rewards/rejected = beta * (log p
 rewards/margins = their difference, rewards/accuracy = how often it is > 0, and pref_accuracy = how often
 the model itself gives the chosen reply the higher log-prob (the reference's is printed at step 0).
 """
-import json
-import math
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-from common import Progress, clip_gradients, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
+from common import (Progress, clip_gradients, configure, die, fmt_time, get_lr, metrics_log, optimizer_step,
+                    precision, save_checkpoint, setup_ddp)
 import chat_data as C
 
 # -----------------------------------------------------------------------------
@@ -62,20 +60,13 @@ seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-for k in ("eval_interval", "log_interval", "batch_size", "grad_accum", "epochs"):
-    if config[k] <= 0:
-        die(f"{k} must be positive, got {config[k]}")
+ckpt_path = C.output_checkpoint(config, "SFT model")
 if loss_type not in ("sigmoid", "ipo", "hinge"):
     die(f"loss_type must be sigmoid, ipo or hinge, got '{loss_type}'")
 if beta <= 0:
     die(f"beta must be positive, got {beta}")
 if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
     die(f"label_smoothing must be in [0, 0.5) and only with loss_type='sigmoid' (got {label_smoothing}, {loss_type})")
-if Path(out_dir).resolve() == Path(init_from).resolve():
-    die(f"out_dir '{out_dir}' is the SFT model's directory: write DPO into another --out_dir")
-ckpt_path = Path(out_dir) / "ckpt.pt"
-if ckpt_path.exists() and not overwrite:
-    die(f"{ckpt_path} already exists: choose another --out_dir, or pass --overwrite=True to replace it")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
@@ -168,16 +159,7 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if ddp:
     from torch.nn.parallel import DistributedDataParallel
     model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-metrics = None
-if master:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    metrics = open(Path(out_dir) / "metrics.jsonl", "a")
-
-
-def log(record):
-    if master:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+log = metrics_log(out_dir, master)
 
 
 def flat(ev):
@@ -196,8 +178,6 @@ best_ev = ev_before
 step, best_val, t_start, t_last = 0, float("inf"), time.time(), time.time()
 while step < max_iters:
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     ix = next(order)
     stats = torch.zeros(4, device=device)  # loss, margin, accuracy, pairs: this step's train figures
     for micro in range(grad_accum):
@@ -215,16 +195,14 @@ while step < max_iters:
     if ddp:
         torch.distributed.all_reduce(stats)
     lossf, margin, acc = (stats[:3] / stats[3]).tolist()
-    if not math.isfinite(lossf):
-        die(f"loss is {lossf} at step {step}; nothing more was saved. Lower --learning_rate or check the data")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, lr, lossf, step, "nothing more was saved")
     step += 1
     if master and step % log_interval == 0:
         now = time.time()
         eta = (now - t_start) / step * (max_iters - step)
         print(f"step {step}/{max_iters} | loss {lossf:.4f} | margin {margin:+.3f} | accuracy {acc:.2f} | "
-              f"lr {lr:.2e} | {(now - t_last) / log_interval * 1000:.0f} ms/step | ETA {fmt_time(eta)}")
+              f"lr {lr:.2e} | grad norm {grad_norm:.2f} | {(now - t_last) / log_interval * 1000:.0f} ms/step | "
+              f"ETA {fmt_time(eta)}")
         t_last = now
         log({"step": step, "loss": lossf, "rewards/margins": margin, "rewards/accuracy": acc, "lr": lr,
              "grad_norm": grad_norm})
@@ -244,7 +222,6 @@ while step < max_iters:
                 print(f"saved {ckpt_path} (best held-out DPO loss so far)")
 
 if master:
-    metrics.close()
     b, a = ev_before["val"], best_ev["val"]
     print(f"done in {fmt_time(time.time() - t_start)}. Held-out preference accuracy (chosen more likely than "
           f"rejected): reference {b['pref_accuracy']:.3f} -> DPO {a['pref_accuracy']:.3f}; reward margin "

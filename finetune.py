@@ -9,14 +9,12 @@ are ignored. The base checkpoint is only read; the result goes to its own out_di
     torchrun --standalone --nproc_per_node=8 finetune.py --init_from=gpt2 --data=alpaca
 then chat with it (python sample.py --out_dir=out-sft --chat=True) or align it (python dpo.py).
 """
-import json
-import math
 import time
-from pathlib import Path
 
 import torch
 
-from common import accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, precision, save_checkpoint, setup_ddp
+from common import (accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, metrics_log,
+                    optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 
 # -----------------------------------------------------------------------------
@@ -54,16 +52,9 @@ seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-for k in ("eval_interval", "log_interval", "batch_size", "grad_accum", "epochs"):
-    if config[k] <= 0:
-        die(f"{k} must be positive, got {config[k]}")
+ckpt_path = C.output_checkpoint(config, "base model")
 if max_iters < 0 or max_examples < 0 or eval_examples < 0 or block_size < 0:
     die("max_iters, max_examples, eval_examples and block_size must not be negative")
-if Path(out_dir).resolve() == Path(init_from).resolve():
-    die(f"out_dir '{out_dir}' is the base model's directory: fine-tune into another --out_dir (the base is kept)")
-ckpt_path = Path(out_dir) / "ckpt.pt"
-if ckpt_path.exists() and not overwrite:
-    die(f"{ckpt_path} already exists: choose another --out_dir, or pass --overwrite=True to replace it")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
@@ -109,16 +100,7 @@ def held_out_loss():
     return total / max(count, 1)
 
 
-metrics = None
-if master:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    metrics = open(Path(out_dir) / "metrics.jsonl", "a")
-
-
-def log(record):
-    if master:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+log = metrics_log(out_dir, master)
 
 # -----------------------------------------------------------------------------
 # training: every rank draws the same global batch of example numbers and takes its rows
@@ -134,17 +116,12 @@ t_last = time.time()
 model.train()
 while step < max_iters:
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     ix = next(order)  # the global batch; this rank's rows of each micro-step
     rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
     lossf = accumulate_gradients(model, [C.collate([train_set[i] for i in ix[r:r + batch_size]], tok.eot_id, device)
                                          for r in rows], autocast, ddp)
     grad_norm = clip_gradients(model.parameters(), grad_clip)
-    if not math.isfinite(lossf):
-        die(f"loss is {lossf} at step {step}; nothing more was saved. Lower --learning_rate or check the data")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, lr, lossf, step, "nothing more was saved")
     step += 1
     if master and step % log_interval == 0:
         now = time.time()
@@ -169,7 +146,6 @@ while step < max_iters:
                                                       "sft", summary), ckpt_path)
 
 if master:
-    metrics.close()
     print(f"done in {fmt_time(time.time() - t0)}: held-out masked loss {val_before:.4f} -> {best_val:.4f}; "
           f"checkpoint {ckpt_path} (chat: python sample.py --out_dir={out_dir} --chat=True; "
           f"align: python dpo.py --init_from={out_dir})")

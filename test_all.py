@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as E
+import hf as H
 import model as M
 import prepare
 import tokenizer as T
@@ -351,7 +352,7 @@ def generated(model, idx, n, **kw):
 def check_hf_parity(hf_model, tmp):
     hf_model.eval()
     hf_model.save_pretrained(tmp / 'hf')
-    ours = M.load_hf(tmp / 'hf')
+    ours = H.load_hf(tmp / 'hf')
     x = torch.randint(0, hf_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, got = hf_model(x).logits, ours(x)[0]
@@ -364,13 +365,13 @@ def check_hf_parity(hf_model, tmp):
 
 
 def check_save_hf(ours, hf_class, tmp):
-    M.save_hf(ours, tmp / 'ours')
+    H.save_hf(ours, tmp / 'ours')
     back = hf_class.from_pretrained(tmp / 'ours').eval()
     x = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         diff = (back(x).logits - ours(x)[0]).abs().max()
     assert diff < 1e-4, diff
-    again = M.load_hf(tmp / 'ours').state_dict()  # and our own round trip is exact (GPT-2 adds zero biases)
+    again = H.load_hf(tmp / 'ours').state_dict()  # and our own round trip is exact (GPT-2 adds zero biases)
     assert all(torch.equal(again[k], v) for k, v in ours.state_dict().items())
 
 
@@ -416,8 +417,8 @@ def test_model_hf_pytorch_bin_and_bad_dirs():
         torch.save(hf.state_dict(), d / 'pytorch_model.bin')  # the older layout
         x = torch.randint(0, 50, (1, 10))
         with torch.no_grad():
-            assert (hf(x).logits - M.load_hf(d)(x)[0]).abs().max() < 1e-4
-        script = ("import sys, model; model.load_hf(sys.argv[1])")
+            assert (hf(x).logits - H.load_hf(d)(x)[0]).abs().max() < 1e-4
+        script = ("import sys, hf; hf.load_hf(sys.argv[1])")
         (Path(tmp) / 'empty').mkdir()
         bad = Path(tmp) / 'bad'
         bad.mkdir()
@@ -435,8 +436,8 @@ def test_model_safetensors_roundtrip():
                'empty': torch.zeros(0, 4), 'i8': torch.tensor([-1, 2, 3], dtype=torch.int8),
                'after_odd': torch.randn(4, dtype=torch.float64)}  # lands at an offset not a multiple of 8
     with tempfile.TemporaryDirectory() as tmp:
-        M.save_safetensors(tensors, Path(tmp) / 'x.safetensors')
-        back = M.load_safetensors(Path(tmp) / 'x.safetensors')
+        H.save_safetensors(tensors, Path(tmp) / 'x.safetensors')
+        back = H.load_safetensors(Path(tmp) / 'x.safetensors')
     assert back.keys() == tensors.keys()
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
@@ -445,22 +446,22 @@ def test_model_safetensors_roundtrip():
     except ImportError:
         return
     with tempfile.TemporaryDirectory() as tmp:  # and the reference implementation agrees both ways
-        M.save_safetensors(tensors, Path(tmp) / 'ours.safetensors')
+        H.save_safetensors(tensors, Path(tmp) / 'ours.safetensors')
         assert all(torch.equal(load_file(Path(tmp) / 'ours.safetensors')[k], t) for k, t in tensors.items())
         save_file(tensors, Path(tmp) / 'ref.safetensors')
-        assert all(torch.equal(M.load_safetensors(Path(tmp) / 'ref.safetensors')[k], t) for k, t in tensors.items())
+        assert all(torch.equal(H.load_safetensors(Path(tmp) / 'ref.safetensors')[k], t) for k, t in tensors.items())
 
 
 def test_model_from_pretrained_cache_and_offline():
     ours = tiny(mlp='gelu_tanh')
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / 'cache'
-        M.save_hf(ours, cache / 'openai-community--gpt2')  # already downloaded: nothing to fetch
-        got = M.from_pretrained('gpt2', cache_dir=cache)
+        H.save_hf(ours, cache / 'openai-community--gpt2')  # already downloaded: nothing to fetch
+        got = H.from_pretrained('gpt2', cache_dir=cache)
         assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ours.state_dict().values()))
         # nothing cached and no network (a closed local port stands in for an offline machine)
         env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HUB_CACHE=str(Path(tmp) / 'hub'))
-        r = subprocess.run([sys.executable, '-c', f"import model; model.from_pretrained('gpt2-xl', cache_dir={str(cache)!r})"],
+        r = subprocess.run([sys.executable, '-c', f"import hf; hf.from_pretrained('gpt2-xl', cache_dir={str(cache)!r})"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
         assert 'could not download' in r.stderr and '--init_from=' in r.stderr, r.stderr
@@ -1968,7 +1969,7 @@ def test_eval_unreachable_judge_exit_2():
 
 @one_thread
 def test_eval_loglikelihood_parity_with_transformers():
-    """A random-init GPT2LMHeadModel imported through model.load_hf: our per-option log-likelihoods (batched,
+    """A random-init GPT2LMHeadModel imported through hf.load_hf: our per-option log-likelihoods (batched,
     padded) equal those computed directly with transformers, option by option."""
     tr = need_transformers()
     tok = T.get_tokenizer("gpt2") if (SHARED / "gpt2.tiktoken").exists() else BYTE
@@ -1983,7 +1984,7 @@ def test_eval_loglikelihood_parity_with_transformers():
     hf.eval()
     d = EVAL_TMP / "hf-gpt2"
     hf.save_pretrained(d)
-    ours = M.load_hf(d).eval()
+    ours = H.load_hf(d).eval()
     items = [{"context": "The capital of France is", "choices": [" Paris", " a city in Europe", " 42"], "gold": 0},
              {"context": "def add(a, b):\n    return", "choices": [" a + b", " None"], "gold": 0},
              {"context": "Once upon a time " * 12, "choices": [" there was a cat.", " the end"], "gold": 1}]
@@ -2408,7 +2409,7 @@ def test_finetune_gpt2_layout_import_gets_chat_token_rows():
     shared_file("gpt2.tiktoken")
     hf = FT_TMP / "hf-gpt2"
     torch.manual_seed(0)
-    M.save_hf(M.GPT(M.GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=32)), hf)
+    H.save_hf(M.GPT(M.GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=32)), hf)
     data = FT_TMP / "tiny-chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(10)))
     out = FT_TMP / "sft-gpt2"

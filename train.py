@@ -5,7 +5,6 @@ Pretrain a GPT on token shards from prepare.py: one CPU or GPU, or many with tor
     python train.py config/shakespeare_char.py --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 """
-import json
 import math
 import time
 from dataclasses import asdict
@@ -14,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, load_checkpoint, precision,
-                    save_checkpoint, setup_ddp)
+from common import (accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, load_checkpoint,
+                    metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -222,22 +221,18 @@ def checkpoint():
                     "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
 
 
-metrics = None
-if master:
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a")
-    if wandb_log:
-        try:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-        except ImportError:
-            print("wandb is not installed: logging to metrics.jsonl only")
-            wandb_log = False
+jsonl = metrics_log(out, master)
+if master and wandb_log:
+    try:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    except ImportError:
+        print("wandb is not installed: logging to metrics.jsonl only")
+        wandb_log = False
 
 
 def log(record):
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
+    jsonl(record)
     if wandb_log:
         wandb.log(record, step=record["step"])
 
@@ -263,17 +258,12 @@ while True:
         break
 
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
     lossf = accumulate_gradients(model, [get_batch("train", ix[r:r + batch_size]) for r in rows], autocast, ddp)
     grad_norm = clip_gradients(model.parameters(), grad_clip)
-    if not math.isfinite(lossf):
-        saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
-        die(f"loss is {lossf} at step {step}; {saved}. Lower --learning_rate or check the data")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
+    optimizer_step(optimizer, lr, lossf, step, saved)
     step += 1
 
     if step % log_interval == 0 and master:
@@ -290,7 +280,6 @@ while True:
              "time": round(now - t_start, 3)})
 
 if master:
-    metrics.close()
     if sample_at_end and not eval_only:
         from common import load_tokenizer
         tok = load_tokenizer(meta["tokenizer"])
