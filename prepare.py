@@ -296,11 +296,13 @@ def pydocs_records(raw, val_frac, force=False):
         raw.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             code = inspect.getsource(pydocs_extract) + f"\npydocs_extract({str(tmp.resolve())!r})\n"
-            env = {**os.environ, "PYTHONHASHSEED": "0"}
-            # -I: ignore PYTHON* variables and the current folder, so only the standard library is found
-            r = subprocess.run([sys.executable, "-I", "-c", code],
-                               cwd=raw, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                               timeout=600)
+            # Some signatures show machine state as defaults (cgi's environ=os.environ, the interpreter's
+            # path, the venv scheme): the extract runs in an empty environment, so no variable of this shell
+            # (a token, a password) reaches the corpus, and under the base interpreter's real path, so a venv
+            # and its Python write the same corpus. -I: no PYTHON* variables, no current folder on sys.path.
+            python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+            r = subprocess.run([python, "-I", "-c", code], cwd=raw, env={"PYTHONHASHSEED": "0"},
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
             if r.returncode != 0 or not tmp.exists():
                 die(f"extracting the pydocs corpus failed (exit {r.returncode}): "
                     + (r.stderr.strip().splitlines() or ["no output"])[-1])

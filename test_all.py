@@ -1171,6 +1171,28 @@ def test_prepare_download_offline_clear_error():
 # ----- prepare: the whole step: round trips, idempotence -----
 
 
+def test_prepare_pydocs_extract_leaks_no_environment_and_ignores_venv():
+    """Signatures such as cgi.parse(environ=os.environ) print their defaults: the extract must not carry this
+    shell's variables into the corpus, and a virtual environment must extract the same bytes as its Python."""
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        probe = "probe-" + os.urandom(6).hex()
+        old = os.environ.get("LLM_SECRET_PROBE")
+        os.environ["LLM_SECRET_PROBE"] = probe
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                prepare.pydocs_records(d / "here", 0.1)
+        finally:
+            os.environ.pop("LLM_SECRET_PROBE") if old is None else os.environ.update(LLM_SECRET_PROBE=old)
+        text = (d / "here" / "pydocs.jsonl").read_text(encoding="utf-8")
+        assert "cgi.parse(" in text and probe not in text and "LLM_SECRET_PROBE" not in text
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(d / "venv")], check=True)
+        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import prepare, pathlib; " \
+               f"prepare.pydocs_records(pathlib.Path({str(d / 'venv-out')!r}), 0.1)"
+        subprocess.run([str(d / "venv" / "bin" / "python"), "-c", code], check=True, capture_output=True)
+        assert (d / "venv-out" / "pydocs.jsonl").read_bytes() == text.encode("utf-8")
+
+
 def test_prepare_pydocs_roundtrip_and_idempotent():
     with tempfile.TemporaryDirectory() as d:
         opts = dict(dataset="pydocs", data_root=d, tokenizer="bpe", vocab_size=4096, shard_tokens=200_000)
