@@ -301,7 +301,10 @@ def pydocs_records(raw, val_frac, force=False):
             # (a token, a password) reaches the corpus, and under the base interpreter's real path, so a venv
             # and its Python write the same corpus. -I: no PYTHON* variables, no current folder on sys.path.
             python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-            r = subprocess.run([python, "-I", "-c", code], cwd=raw, env={"PYTHONHASHSEED": "0"},
+            env = {"PYTHONHASHSEED": "0"}
+            if "SYSTEMROOT" in os.environ:  # Windows: Python cannot start its random and socket modules without it
+                env["SYSTEMROOT"] = os.environ["SYSTEMROOT"]
+            r = subprocess.run([python, "-I", "-c", code], cwd=raw, env=env,
                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
             if r.returncode != 0 or not tmp.exists():
                 die(f"extracting the pydocs corpus failed (exit {r.returncode}): "
