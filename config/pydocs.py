@@ -18,6 +18,6 @@ bias = False
 learning_rate = 3e-3
 min_lr = 3e-4
 max_iters = 250
-warmup_iters = 20
+warmup_iters = 50
 eval_interval = 50
 eval_iters = 10
