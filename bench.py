@@ -287,7 +287,8 @@ def _same_run_steps(data_path, blocks=8, steps=25):
     from common import accumulate_gradients, clip_gradients
     data = np.fromfile(data_path, dtype=np.uint16)
     chars = np.unique(data)  # nanoGPT's shakespeare_char: ids of the characters the text uses
-    char_bin = Path(tempfile.mkdtemp(prefix="bench-char-")) / "train.bin"
+    tmp = tempfile.TemporaryDirectory(prefix="bench-char-")  # removed when this function returns
+    char_bin = Path(tmp.name) / "train.bin"
     np.searchsorted(chars, data).astype(np.uint16).tofile(char_bin)
 
     def build(vocab, fused):
@@ -330,6 +331,7 @@ def _same_run_steps(data_path, blocks=8, steps=25):
             for _ in range(steps):
                 fn(model, opt)
             total[name] += (time.perf_counter() - t0) * (b > 0)
+    tmp.cleanup()
     return {name: 1e3 * t / (blocks * steps) for name, t in total.items()}
 
 

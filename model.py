@@ -12,7 +12,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
-
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64 for speed

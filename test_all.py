@@ -30,6 +30,7 @@ from contextlib import redirect_stdout
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import regex
@@ -1177,13 +1178,8 @@ def test_prepare_pydocs_extract_leaks_no_environment_and_ignores_venv():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         probe = "probe-" + os.urandom(6).hex()
-        old = os.environ.get("LLM_SECRET_PROBE")
-        os.environ["LLM_SECRET_PROBE"] = probe
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                prepare.pydocs_records(d / "here", 0.1)
-        finally:
-            os.environ.pop("LLM_SECRET_PROBE") if old is None else os.environ.update(LLM_SECRET_PROBE=old)
+        with mock.patch.dict(os.environ, LLM_SECRET_PROBE=probe), contextlib.redirect_stdout(io.StringIO()):
+            prepare.pydocs_records(d / "here", 0.1)
         text = (d / "here" / "pydocs.jsonl").read_text(encoding="utf-8")
         assert "cgi.parse(" in text and probe not in text and "LLM_SECRET_PROBE" not in text
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(d / "venv")], check=True)
