@@ -2364,6 +2364,9 @@ def test_dpo_bad_input_and_without_sft():
     assert_clear_error(ft_run(["dpo.py", f"--init_from={sft}", f"--out_dir={out}", "--loss_type=kto", "--device=cpu"]),
                        "loss_type")
     assert not (out / "ckpt.pt").exists()
+    before = (sft / "ckpt.pt").read_bytes()  # the SFT model's own directory is never the output
+    assert_clear_error(ft_run(["dpo.py", f"--init_from={sft}", f"--out_dir={sft}", "--device=cpu"]), "SFT model")
+    assert (sft / "ckpt.pt").read_bytes() == before
 
 
 # -----------------------------------------------------------------------------
