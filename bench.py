@@ -211,7 +211,6 @@ def bench_encode():
 
 def bench_prepare():
     import prepare
-    from common import load_tokenizer
     cases = [("pydocs", dict(dataset="pydocs"))]
     if (SHARED / "tinyshakespeare.txt").exists():
         cases.append(("shakespeare (local)", dict(dataset="local", input=str(SHARED / "tinyshakespeare.txt"))))
@@ -230,7 +229,7 @@ def bench_prepare():
             with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                 raw = prepare.load_documents(kw["dataset"], data_dir, kw.get("input"), 8192, 0.1, False, {})
                 docs = prepare.clean(raw, 16)
-            tok = load_tokenizer(meta["tokenizer"])
+            tok = T.from_spec(meta["tokenizer"])
             texts = [text for _, text, _ in docs]
             t1 = time.time()
             tok.encode_batch(texts, num_threads=os.cpu_count())

@@ -211,7 +211,7 @@ def pydocs_pref(data_root="data", val_frac=0.1):
 
 def download_set(name, data_root):
     """The raw files of alpaca / hh-rlhf, fetched once into data_root/<name>/raw: [(path, split or None)]."""
-    from prepare import download
+    from common import download
     raw = Path(data_root) / name / "raw"
     if name == "alpaca":
         return [(download(ALPACA_URL, raw / "alpaca_data.json"), None)]
@@ -279,7 +279,7 @@ def output_checkpoint(config, start):
 def load_start(init_from, device, grow_vocab=False):
     """(model, checkpoint or None, tokenizer) from a directory holding a ckpt.pt of train.py, finetune.py or
     dpo.py, a GPT-2 name (gpt2, gpt2-medium, ...) or a directory in Hugging Face layout."""
-    from common import load_model
+    from hf import load_model
     if (Path(init_from) / "ckpt.pt").is_file():
         return load_model("resume", init_from, device, grow_vocab=grow_vocab)
     if not init_from.startswith("gpt2") and not Path(init_from).is_dir():

@@ -1,8 +1,10 @@
 """
 Pieces every script shares: config overrides, clear errors, atomic writes, progress lines,
-checkpoint I/O, device and DDP set-up, the learning-rate schedule and model loading.
+checkpoint I/O, downloads, device and DDP set-up, gradient accumulation and the learning-rate schedule.
+The ground floor: it imports no other file of this project.
 """
 import ast
+import hashlib
 import json
 import math
 import os
@@ -165,48 +167,6 @@ def load_checkpoint(path, map_location="cpu"):
             f"{str(e).splitlines()[0][:120]}); delete it and train again")
 
 
-def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
-    """The model and tokenizer any script starts from: init_from='resume' reads out_dir/ckpt.pt,
-    'gpt2'/'gpt2-medium'/... the official weights, anything else a directory in Hugging Face layout.
-    grow_vocab: a model with fewer embedding rows than the tokenizer has tokens (GPT-2's 50257 lack the chat
-    tokens) gets new rows, up to a multiple of 64 (fine-tuning then learns them); otherwise that is an error.
-    Returns (model, checkpoint or None, tokenizer)."""
-    import hf
-    import model as M
-    import tokenizer as T
-    if init_from == "resume":
-        ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", map_location=device)
-        model = M.GPT(M.GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        tok = load_tokenizer(ckpt["tokenizer"])
-    else:
-        ckpt = None
-        if init_from.startswith("gpt2") and not os.path.isdir(init_from):
-            model = hf.from_pretrained(init_from)
-        elif os.path.isdir(init_from):
-            model = hf.load_hf(init_from)
-        else:
-            die(f"init_from='{init_from}' is neither 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
-                f"nor a directory in Hugging Face layout")
-        tok = T.get_tokenizer("gpt2")
-    if tok.n_vocab > model.config.vocab_size and grow_vocab:
-        new_size = 64 * math.ceil(tok.n_vocab / 64)
-        print(f"the model has {model.config.vocab_size} token embeddings, the tokenizer {tok.n_vocab} tokens "
-              f"(with the chat tokens): growing the embeddings to {new_size} rows")
-        model.resize_vocab(new_size)
-    # GPT-2's own 50257 rows lack the chat tokens: text needs only the ids up to end-of-text
-    if tok.eot_id >= model.config.vocab_size:
-        die(f"the tokenizer's end-of-text id is {tok.eot_id} but the model has only {model.config.vocab_size} "
-            f"token embeddings: they do not belong together (check init_from / out_dir)")
-    return model.to(device), ckpt, tok
-
-
-def load_tokenizer(spec):
-    import tokenizer as T
-    if spec["kind"] == "bpe":
-        return T.load(spec["path"])
-    return T.get_tokenizer(spec["kind"], spec.get("path"))
-
 # -----------------------------------------------------------------------------
 # devices, DDP, schedule
 
@@ -332,3 +292,113 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters, schedule="cos
         return learning_rate + frac * (min_lr - learning_rate)
     frac = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (learning_rate - min_lr)
+
+# -----------------------------------------------------------------------------
+# downloads: the one helper every script fetches files with
+
+
+class _Retry(Exception):
+    pass
+
+
+def download(url, dest, sha256=None, size=None, retries=4, backoff=1.0, timeout=30, mirror="", offline_hint=""):
+    """Fetch url to dest unless dest is already there (and matches size/sha256 when given). Streams into
+    dest.part with a progress line, resumes it with an HTTP Range request after a cut connection or on the
+    next run, retries connection errors and 5xx with exponential backoff, checks size and sha256, and renames
+    to dest only when complete. Returns dest."""
+    import requests
+    dest = Path(dest)
+    if mirror:
+        url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
+    elif os.environ.get("HF_ENDPOINT") and url.startswith("https://huggingface.co/"):
+        url = os.environ["HF_ENDPOINT"].rstrip("/") + url[len("https://huggingface.co"):]
+    if dest.exists():
+        problem = check_file(dest, sha256, size)
+        if problem:
+            die(f"{dest} exists but {problem}: delete it to download it again from {url}")
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    attempt, last_error = 0, ""
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        got = 0
+        try:
+            # identity: byte ranges and lengths then refer to the file itself, not to a compressed form
+            headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416 and have:  # the part file already holds everything (or too much)
+                    if size is None or have == size:
+                        break
+                    part.unlink()
+                    raise _Retry("server refused to resume (416)")
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise _Retry(f"HTTP {r.status_code}")
+                if r.status_code not in (200, 206):
+                    die(f"downloading {url} failed: HTTP {r.status_code} {r.reason}")
+                start = have
+                if r.status_code == 206:
+                    cr = r.headers.get("Content-Range", "")
+                    if not cr.startswith(f"bytes {have}-"):
+                        part.unlink()
+                        raise _Retry(f"unexpected Content-Range '{cr}'")
+                else:
+                    start = 0  # the server sent the whole file (it ignores Range)
+                length = r.headers.get("Content-Length")
+                total = start + int(length) if length is not None else size
+                if size is not None and total is not None and total != size:
+                    die(f"downloading {url}: the server offers {total} bytes, expected {size}")
+                prog = Progress(total, f"download {dest.name}", "B")
+                prog.update(start)
+                part.parent.mkdir(parents=True, exist_ok=True)
+                with open(part, "ab" if start else "wb") as f:
+                    # small chunks: a read cut by a dropped connection loses its chunk, the rest is resumed
+                    for chunk in r.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                        got += len(chunk)
+                        prog.update(len(chunk))
+                prog.close()
+                if total is not None and start + got < total:
+                    raise _Retry(f"connection closed after {start + got} of {total} bytes")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retry) as e:
+            last_error = short_reason(e)
+            attempt = 0 if got else attempt + 1  # progress made: the connection is worth trying again
+            # an unknown host name rarely resolves a few seconds later: usually this machine is offline
+            if attempt > retries or last_error.startswith("cannot resolve"):
+                kept = f"; the partial download in {part} is resumed on the next run" if part.exists() else ""
+                die(f"could not download {url} ({last_error}). If this machine is offline, fetch that URL "
+                    f"elsewhere and put the file at {dest}{kept}{offline_hint}")
+            wait = backoff * 2 ** max(attempt - 1, 0) if attempt else 0
+            print(f"download {dest.name}: {last_error}; retrying{f' in {wait:.1f}s' if wait else ''}", file=sys.stderr)
+            time.sleep(wait)
+    problem = check_file(part, sha256, size)
+    if problem:
+        part.unlink()
+        die(f"downloaded {url} but {problem}; nothing was kept, try again (or fetch it by hand to {dest})")
+    os.replace(part, dest)
+    return dest
+
+
+def short_reason(e):
+    msg = str(e)
+    for key, reason in (("NameResolution", "cannot resolve the host name"), ("Name or service not known",
+                        "cannot resolve the host name"), ("Connection refused", "connection refused"),
+                        ("timed out", "timed out"), ("Connection reset", "connection reset")):
+        if key in msg:
+            return reason
+    return (msg.splitlines() or [type(e).__name__])[0][:200]
+
+
+def check_file(path, sha256, size):
+    """None when path has the expected size and sha256 (each when known), else what is wrong."""
+    n = path.stat().st_size
+    if size is not None and n != size:
+        return f"has {n} bytes, expected {size}"
+    if sha256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != sha256:
+            return f"its sha256 is {h.hexdigest()}, expected {sha256}"
+    return None

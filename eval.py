@@ -31,7 +31,7 @@ Tasks:
               OpenAI-compatible chat endpoint (--judge_url, e.g. Ollama) scores each reply 0-100 against the
               reference answer. Replies the judge gives no score for are counted and shown, never guessed;
               an unreachable judge stops the run before any work.
-Public task files are downloaded once to data_root/eval/<task>/ through prepare.download ($PREPARE_MIRROR
+Public task files are downloaded once to data_root/eval/<task>/ through common.download ($PREPARE_MIRROR
 works as for prepare.py); offline, put the file there or pass --task_file=PATH. Few-shot examples
 (--num_fewshot=k) are other questions of the same file (the same subject for MMLU), drawn with --seed; the
 question itself is never among them. Results are filed as e.g. 'pydocs', 'lm:pydocs', 'hellaswag_5shot'.
@@ -58,8 +58,9 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from common import (Progress, atomic_path, configure, die, fmt_num, load_model, load_tokenizer, pick_device,
-                    precision)
+import tokenizer as T
+from common import Progress, atomic_path, configure, die, download, fmt_num, pick_device, precision, short_reason
+from hf import load_model
 
 # -----------------------------------------------------------------------------
 # default config
@@ -464,7 +465,7 @@ def text_bytes(tok, ids):
 def same_tokenizer(tok, spec):
     """Whether data tokenized as spec (meta.json's) is in tok's ids: the same kind, and for a trained BPE the
     same merges."""
-    return spec.get("kind") == tok.kind and (tok.kind != "bpe" or load_tokenizer(spec).ranks == tok.ranks)
+    return spec.get("kind") == tok.kind and (tok.kind != "bpe" or T.from_spec(spec).ranks == tok.ranks)
 
 
 def lm_source(lm_data, data_root, split):
@@ -710,7 +711,7 @@ def ask_judge(url, model, prompt, timeout=60.0, retries=2, api_key=None, backoff
             why = "timeout"
             continue
         except requests.ConnectionError as e:
-            raise JudgeUnreachable(prepare.short_reason(e))
+            raise JudgeUnreachable(short_reason(e))
         if r.status_code == 429 or r.status_code >= 500:
             why = f"HTTP {r.status_code}"
             continue
@@ -804,7 +805,7 @@ def task_path(task):
 def fetch(url, dest):
     """prepare.py's download (resumed, verified, retried; offline it says where to put the file), also
     through $PREPARE_MIRROR as prepare.py's datasets."""
-    return prepare.download(url, dest, mirror=os.environ.get("PREPARE_MIRROR", ""))
+    return download(url, dest, mirror=os.environ.get("PREPARE_MIRROR", ""))
 
 
 def load_task(task):

@@ -1,17 +1,20 @@
 """
-Hugging Face interop without extra packages: read and write safetensors, build a GPT from a local
+Where models come from: load_model() gives the model and tokenizer of a checkpoint of ours, of a Hugging
+Face directory or of GPT-2 on the hub. And Hugging Face interop without extra packages: read and write safetensors, build a GPT from a local
 GPT2LMHeadModel or LlamaForCausalLM directory (config.json + weights), write one back that transformers
 loads, and fetch GPT-2's weights from the hub.
 """
 import json
+import math
 import os
 import struct
 from pathlib import Path
 
 import torch
 
-from common import atomic_path, die
+from common import atomic_path, die, download, load_checkpoint
 from model import GPT, GPTConfig
+import tokenizer as T
 
 
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
@@ -210,8 +213,41 @@ def from_pretrained(name, cache_dir=None):
     d = Path(cache_dir or Path.home() / '.cache' / 'llm-from-scratch') / repo.replace('/', '--')
     for fname in ('config.json', 'model.safetensors'):
         if not (d / fname).exists():
-            from prepare import download  # the one download helper (HF_ENDPOINT selects a mirror)
             download(f'https://huggingface.co/{repo}/resolve/main/{fname}', d / fname,
                      offline_hint=f"; or put {repo}'s config.json and model.safetensors in a directory and pass "
                                   f"it instead (--init_from=/path/to/{repo.split('/')[-1]})")
     return load_hf(d)
+
+
+def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
+    """The model and tokenizer any script starts from: init_from='resume' reads out_dir/ckpt.pt,
+    'gpt2'/'gpt2-medium'/... the official weights, anything else a directory in Hugging Face layout.
+    grow_vocab: a model with fewer embedding rows than the tokenizer has tokens (GPT-2's 50257 lack the chat
+    tokens) gets new rows, up to a multiple of 64 (fine-tuning then learns them); otherwise that is an error.
+    Returns (model, checkpoint or None, tokenizer)."""
+    if init_from == "resume":
+        # on the CPU: RNG states must stay CPU tensors, and the optimizer state need not reach the GPU
+        ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", map_location="cpu")
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        tok = T.from_spec(ckpt["tokenizer"])
+    else:
+        ckpt = None
+        if init_from.startswith("gpt2") and not os.path.isdir(init_from):
+            model = from_pretrained(init_from)
+        elif os.path.isdir(init_from):
+            model = load_hf(init_from)
+        else:
+            die(f"init_from='{init_from}' is neither 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
+                f"nor a directory in Hugging Face layout")
+        tok = T.get_tokenizer("gpt2")
+    if tok.n_vocab > model.config.vocab_size and grow_vocab:
+        new_size = 64 * math.ceil(tok.n_vocab / 64)
+        print(f"the model has {model.config.vocab_size} token embeddings, the tokenizer {tok.n_vocab} tokens "
+              f"(with the chat tokens): growing the embeddings to {new_size} rows")
+        model.resize_vocab(new_size)
+    # GPT-2's own 50257 rows lack the chat tokens: text needs only the ids up to end-of-text
+    if tok.eot_id >= model.config.vocab_size:
+        die(f"the tokenizer's end-of-text id is {tok.eot_id} but the model has only {model.config.vocab_size} "
+            f"token embeddings: they do not belong together (check init_from / out_dir)")
+    return model.to(device), ckpt, tok

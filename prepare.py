@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import Progress, atomic_path, configure, die, fmt_num
+from common import Progress, atomic_path, configure, die, download, fmt_num
 
 # -----------------------------------------------------------------------------
 # default config
@@ -609,117 +609,6 @@ def prepare_fineweb(data_dir, n_train, tokenizer, force, dl):
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"{data_dir}: {fmt_num(meta['train']['tokens'])} train and {fmt_num(meta['val']['tokens'])} val tokens")
     return data_dir
-
-# -----------------------------------------------------------------------------
-# the one download helper
-
-
-class _Retry(Exception):
-    pass
-
-
-def download(url, dest, sha256=None, size=None, retries=4, backoff=1.0, timeout=30, mirror="", offline_hint=""):
-    """Fetch url to dest unless dest is already there (and matches size/sha256 when given). Streams into
-    dest.part with a progress line, resumes it with an HTTP Range request after a cut connection or on the
-    next run, retries connection errors and 5xx with exponential backoff, checks size and sha256, and renames
-    to dest only when complete. Returns dest."""
-    import requests
-    dest = Path(dest)
-    if mirror:
-        url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
-    elif os.environ.get("HF_ENDPOINT") and url.startswith("https://huggingface.co/"):
-        url = os.environ["HF_ENDPOINT"].rstrip("/") + url[len("https://huggingface.co"):]
-    if dest.exists():
-        problem = check_file(dest, sha256, size)
-        if problem:
-            die(f"{dest} exists but {problem}: delete it to download it again from {url}")
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    attempt, last_error = 0, ""
-    while True:
-        have = part.stat().st_size if part.exists() else 0
-        got = 0
-        try:
-            # identity: byte ranges and lengths then refer to the file itself, not to a compressed form
-            headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                if r.status_code == 416 and have:  # the part file already holds everything (or too much)
-                    if size is None or have == size:
-                        break
-                    part.unlink()
-                    raise _Retry("server refused to resume (416)")
-                if r.status_code >= 500 or r.status_code == 429:
-                    raise _Retry(f"HTTP {r.status_code}")
-                if r.status_code not in (200, 206):
-                    die(f"downloading {url} failed: HTTP {r.status_code} {r.reason}")
-                start = have
-                if r.status_code == 206:
-                    cr = r.headers.get("Content-Range", "")
-                    if not cr.startswith(f"bytes {have}-"):
-                        part.unlink()
-                        raise _Retry(f"unexpected Content-Range '{cr}'")
-                else:
-                    start = 0  # the server sent the whole file (it ignores Range)
-                length = r.headers.get("Content-Length")
-                total = start + int(length) if length is not None else size
-                if size is not None and total is not None and total != size:
-                    die(f"downloading {url}: the server offers {total} bytes, expected {size}")
-                prog = Progress(total, f"download {dest.name}", "B")
-                prog.update(start)
-                part.parent.mkdir(parents=True, exist_ok=True)
-                with open(part, "ab" if start else "wb") as f:
-                    # small chunks: a read cut by a dropped connection loses its chunk, the rest is resumed
-                    for chunk in r.iter_content(chunk_size=1 << 16):
-                        f.write(chunk)
-                        got += len(chunk)
-                        prog.update(len(chunk))
-                prog.close()
-                if total is not None and start + got < total:
-                    raise _Retry(f"connection closed after {start + got} of {total} bytes")
-            break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retry) as e:
-            last_error = short_reason(e)
-            attempt = 0 if got else attempt + 1  # progress made: the connection is worth trying again
-            # an unknown host name rarely resolves a few seconds later: usually this machine is offline
-            if attempt > retries or last_error.startswith("cannot resolve"):
-                kept = f"; the partial download in {part} is resumed on the next run" if part.exists() else ""
-                die(f"could not download {url} ({last_error}). If this machine is offline, fetch that URL "
-                    f"elsewhere and put the file at {dest}{kept}{offline_hint}")
-            wait = backoff * 2 ** max(attempt - 1, 0) if attempt else 0
-            print(f"download {dest.name}: {last_error}; retrying{f' in {wait:.1f}s' if wait else ''}", file=sys.stderr)
-            time.sleep(wait)
-    problem = check_file(part, sha256, size)
-    if problem:
-        part.unlink()
-        die(f"downloaded {url} but {problem}; nothing was kept, try again (or fetch it by hand to {dest})")
-    os.replace(part, dest)
-    return dest
-
-
-def short_reason(e):
-    msg = str(e)
-    for key, reason in (("NameResolution", "cannot resolve the host name"), ("Name or service not known",
-                        "cannot resolve the host name"), ("Connection refused", "connection refused"),
-                        ("timed out", "timed out"), ("Connection reset", "connection reset")):
-        if key in msg:
-            return reason
-    return (msg.splitlines() or [type(e).__name__])[0][:200]
-
-
-def check_file(path, sha256, size):
-    """None when path has the expected size and sha256 (each when known), else what is wrong."""
-    n = path.stat().st_size
-    if size is not None and n != size:
-        return f"has {n} bytes, expected {size}"
-    if sha256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            return f"its sha256 is {h.hexdigest()}, expected {sha256}"
-    return None
-
 
 if __name__ == "__main__":
     # the config block above = prepare()'s parameters (the module's constants are not options)

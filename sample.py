@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common import configure, die, load_model, pick_device, precision
+from common import configure, die, pick_device, precision
+from hf import load_model
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ..., or a Hugging Face model directory

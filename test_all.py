@@ -37,6 +37,7 @@ import regex
 import torch
 import torch.nn.functional as F
 
+import common
 import eval as E
 import hf as H
 import model as M
@@ -147,6 +148,44 @@ def train(out, *extra, check=0, timeout=240):
 
 def read_metrics(out):
     return [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
+
+
+# ----- structure -----
+
+
+def project_imports():
+    """{module: the project modules it imports anywhere in its file (top level or inside functions)}."""
+    import ast
+    mods = {p.stem for p in ROOT.glob("*.py")}
+    graph = {}
+    for m in mods:
+        deps = set()
+        for n in ast.walk(ast.parse((ROOT / f"{m}.py").read_text())):
+            if isinstance(n, ast.Import):
+                deps |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+                deps.add(n.module.split(".")[0])
+        graph[m] = deps & mods - {m}
+    return graph
+
+
+def test_structure_imports_point_down():
+    """common.py is the ground floor, and no chain of imports comes back to where it started."""
+    graph = project_imports()
+    assert graph["common"] == set(), f"common.py imports {graph['common']}"
+    assert graph["model"] == set(), f"model.py imports {graph['model']}"
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import circle: " + " -> ".join(path + [m])
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        state[m] = "done"
+    for m in sorted(graph):
+        visit(m, [])
 
 
 # ----- config / train: config overrides (common.configure), LR schedule -----
@@ -1079,9 +1118,8 @@ def _files(d):
 def _decode_splits(data_dir):
     """Decode every shard of data_dir with the tokenizer meta.json names and cut at the eot tokens:
     {split: [document text]}, after checking the counts meta.json gives."""
-    from common import load_tokenizer
     meta = prepare.load_meta(data_dir)
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = T.from_spec(meta["tokenizer"])
     assert tok.n_vocab == meta["vocab_size"] and tok.eot_id == meta["eot_id"]
     out = {}
     for split in ("train", "val"):
@@ -1102,10 +1140,10 @@ def test_prepare_download_verified():
     data = shared_file("tinyshakespeare.txt").read_bytes()
     with tempfile.TemporaryDirectory() as d, _server(data) as (url, log):
         dest = Path(d) / "raw" / "input.txt"
-        assert prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, size=len(data)) == dest
+        assert common.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, size=len(data)) == dest
         assert dest.read_bytes() == data and len(log) == 1
         assert sorted(p.name for p in dest.parent.iterdir()) == ["input.txt"]  # no temp file left
-        prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256)  # there and verified
+        common.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256)  # there and verified
         assert len(log) == 1
 
 
@@ -1113,7 +1151,7 @@ def test_prepare_download_resumes_after_cut():
     data = shared_file("tinyshakespeare.txt").read_bytes()
     with tempfile.TemporaryDirectory() as d, _server(data, plan=["cut"]) as (url, log):
         dest = Path(d) / "input.txt"
-        prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, backoff=0.01)
+        common.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, backoff=0.01)
         assert len(log) == 2 and "Range" not in log[0], log
         start = int(log[1]["Range"].removeprefix("bytes=").removesuffix("-"))
         assert 0 < start <= len(data) // 2, log[1]  # it asked only for what it did not have
@@ -1126,9 +1164,9 @@ def test_prepare_download_resumes_on_next_run():
     data = shared_file("tinyshakespeare.txt").read_bytes()
     with tempfile.TemporaryDirectory() as d, _server(data, plan=["cut", "500"]) as (url, log):
         dest = Path(d) / "input.txt"
-        err = expect_die(prepare.download, url + "/input.txt", dest, size=len(data), retries=0)
+        err = expect_die(common.download, url + "/input.txt", dest, size=len(data), retries=0)
         assert "HTTP 500" in err and "resumed on the next run" in err and not dest.exists(), err
-        prepare.download(url + "/input.txt", dest, size=len(data), sha256=prepare.SHAKESPEARE_SHA256)
+        common.download(url + "/input.txt", dest, size=len(data), sha256=prepare.SHAKESPEARE_SHA256)
         assert log[-1]["Range"].startswith("bytes=") and dest.read_bytes() == data
 
 
@@ -1136,10 +1174,10 @@ def test_prepare_download_bad_checksum_leaves_nothing():
     data = shared_file("tinyshakespeare.txt").read_bytes()
     with tempfile.TemporaryDirectory() as d, _server(data) as (url, log):
         dest = Path(d) / "input.txt"
-        err = expect_die(prepare.download, url + "/input.txt", dest, sha256="0" * 64)
+        err = expect_die(common.download, url + "/input.txt", dest, sha256="0" * 64)
         assert "sha256" in err and url in err, err
         assert list(Path(d).iterdir()) == []
-        err = expect_die(prepare.download, url + "/input.txt", dest, size=len(data) + 1)
+        err = expect_die(common.download, url + "/input.txt", dest, size=len(data) + 1)
         assert "expected" in err and list(Path(d).iterdir()) == []
 
 
@@ -1147,10 +1185,10 @@ def test_prepare_download_retries_500_and_stops_on_404():
     data = shared_file("tinyshakespeare.txt").read_bytes()
     with tempfile.TemporaryDirectory() as d, _server(data, plan=["500", "500"]) as (url, log):
         dest = Path(d) / "input.txt"
-        prepare.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, backoff=0.01)
+        common.download(url + "/input.txt", dest, sha256=prepare.SHAKESPEARE_SHA256, backoff=0.01)
         assert len(log) == 3 and dest.read_bytes() == data
     with tempfile.TemporaryDirectory() as d, _server(data, plan=["404"]) as (url, log):
-        err = expect_die(prepare.download, url + "/missing.txt", Path(d) / "x.txt", backoff=0.01)
+        err = expect_die(common.download, url + "/missing.txt", Path(d) / "x.txt", backoff=0.01)
         assert "HTTP 404" in err and len(log) == 1 and list(Path(d).iterdir()) == [], err
 
 
@@ -1763,7 +1801,7 @@ def test_eval_task_readers_and_malformed_files():
 
 
 def test_eval_downloads_through_prepare():
-    """Task files come through prepare.download (here from a mirror on 127.0.0.1): HellaSwag as it is, MMLU's
+    """Task files come through common.download (here from a mirror on 127.0.0.1): HellaSwag as it is, MMLU's
     test CSVs out of its tar, ARC's JSONL out of its zip; once there, they are not fetched again."""
     site = EVAL_TMP / "mirror"
     site.mkdir(exist_ok=True)
@@ -2286,8 +2324,7 @@ def test_finetune_e2e_lowers_held_out_masked_loss():
     assert ck["finetune"][-1]["stage"] == "sft" and ck["finetune"][-1]["val_loss"] == min(vals[1:])
     assert (base / "ckpt.pt").read_bytes() == before  # the base is untouched
     # the checkpoint loads like any other
-    from common import load_model
-    m, _, tok = load_model("resume", out, "cpu")
+    m, _, tok = H.load_model("resume", out, "cpu")
     assert m.config.vocab_size == 320 and tok.n_vocab == 261
 
 
@@ -2397,7 +2434,7 @@ def test_chat_sample_multi_turn_streams_and_stops_at_end():
 
 
 def test_finetune_hh_rlhf_and_alpaca_sets_from_their_download_paths():
-    """The named downloads, read offline from where prepare.download puts them: hh-rlhf's train files give
+    """The named downloads, read offline from where common.download puts them: hh-rlhf's train files give
     the train pairs and its test files the held-out ones; odd transcripts are skipped with a count."""
     import gzip
     import chat_data as C

@@ -367,6 +367,12 @@ def get_tokenizer(kind, path=None, vocab_size=None, text=None, verbose=True):
         tok.save(path)
     return tok
 
+def from_spec(spec):
+    """The tokenizer a checkpoint or meta.json names: {'kind', 'path'}."""
+    if spec["kind"] == "bpe":
+        return load(spec["path"])
+    return get_tokenizer(spec["kind"], spec.get("path"))
+
 # -----------------------------------------------------------------------------
 # chat template
 

@@ -159,7 +159,7 @@ elif init_from == "scratch":
                               n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias, norm=norm,
                               pos=pos, rope_theta=rope_theta, mlp=mlp, tie_embeddings=tie_embeddings))
 else:
-    from common import load_model
+    from hf import load_model
     model, _, tok = load_model(init_from, out_dir, "cpu")
     if meta["tokenizer"]["kind"] != "gpt2" or model.config.vocab_size < data_vocab:
         die(f"{init_from} uses the GPT-2 tokenizer but {data_dir} was prepared with {meta['tokenizer']['kind']}: "
@@ -281,8 +281,8 @@ while True:
 
 if master:
     if sample_at_end and not eval_only:
-        from common import load_tokenizer
-        tok = load_tokenizer(meta["tokenizer"])
+        import tokenizer as T
+        tok = T.from_spec(meta["tokenizer"])
         gen = raw_model.generate(torch.tensor([[tok.eot_id]], device=device), max_new_tokens=120,
                                  temperature=0.8, top_k=200, seed=seed)
         ids = [int(t[0]) for t in gen]
