@@ -278,12 +278,12 @@ def _first_below(evals, target):
 
 def _same_run_steps(data_path, blocks=8, steps=25):
     """ms per step of the baby config, interleaved in blocks so machine load hits both alike: our step (what
-    train.py does per step: fused AdamW, common's accumulate_gradients and clip_gradients) and nanoGPT's step
+    train.py does per step: fused AdamW, common's accumulate_gradients and optimizer_step) and nanoGPT's step
     as its train.py runs it on a CPU: the same model kernels (GPT-2 style, tied, no bias, exact GELU, causal
     SDPA), its 65-character vocabulary, per-tensor AdamW (its fused kernel is CUDA-only), clip_grad_norm_
     every step, the .bin memmap reopened and rows stacked one by one for every batch, loss.item() per step."""
     import numpy as np
-    from common import accumulate_gradients, clip_gradients
+    from common import accumulate_gradients, optimizer_step
     data = np.fromfile(data_path, dtype=np.uint16)
     chars = np.unique(data)  # nanoGPT's shakespeare_char: ids of the characters the text uses
     tmp = tempfile.TemporaryDirectory(prefix="bench-char-")  # removed when this function returns
@@ -303,10 +303,9 @@ def _same_run_steps(data_path, blocks=8, steps=25):
     def ours(model, opt):
         ix = torch.randint(len(data) - 65, (12,))
         buf = torch.from_numpy(np.stack([data[i:i + 65] for i in ix.numpy()]).astype(np.int64))
-        accumulate_gradients(model, [(buf[:, :-1].contiguous(), buf[:, 1:].contiguous())], contextlib.nullcontext(), False)
-        clip_gradients(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        accumulate_gradients(model, [(buf[:, :-1].contiguous(), buf[:, 1:].contiguous())], 12 * 64,
+                             contextlib.nullcontext(), False)
+        optimizer_step(opt, model.parameters(), 1e-3, 1.0)
 
     def nanogpt(model, opt):
         mm = np.memmap(char_bin, dtype=np.uint16, mode="r")

@@ -392,11 +392,13 @@ def batch_order(n, batch, gen):
 # losses
 
 
-def sequence_logps(logits, y):
-    """(B,) sum over the positions with y != -1 of log p(y): the log-probability of each response."""
+def sequence_logps(logits, y, average=False):
+    """(B,) sum over the positions with y != -1 of log p(y): the log-probability of each response; average:
+    the mean over those positions instead (IPO, as TRL: its 1/(2 beta) target then does not grow with length)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     taken = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (taken * (y != -1)).sum(-1)
+    s = (taken * (y != -1)).sum(-1)
+    return s / (y != -1).sum(-1) if average else s
 
 
 def masked_loss_sums(model, examples, batch_size, pad_id, device, autocast):
@@ -417,7 +419,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
     """Per-pair DPO losses and the implicit rewards beta * (log pi - log ref) of each side.
     h = (pi_c - pi_r) - (ref_c - ref_r), the policy's log-ratio margin over the reference's;
       sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO; eps = label_smoothing, cDPO)
-      ipo      (h - 1 / (2 beta))^2                                        (IPO: a margin target, no saturation)
+      ipo      (h - 1 / (2 beta))^2     (IPO: a margin target, no saturation; its log-probs are per-token means)
       hinge    max(0, 1 - beta h)                                          (SLiC)"""
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
     if loss_type == "sigmoid":

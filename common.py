@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
@@ -198,7 +199,10 @@ def setup_ddp(device="auto", seed=1337):
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # a long timeout: the other ranks wait in a barrier while rank 0 prepares the data, which on a first
+        # run may download shards for longer than the default 10 minutes that NCCL's watchdog allows
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2),
+                                device_id=torch.device(device) if device.startswith("cuda") else None)
     torch.manual_seed(seed + rank)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -206,13 +210,43 @@ def setup_ddp(device="auto", seed=1337):
     return ddp, rank, local_rank, world_size, device
 
 
+def rng_states(ddp, device_type):
+    """Every rank's RNG states, gathered onto each rank: {'torch': [per rank], 'cuda': [per rank] or None}.
+    Ranks are seeded apart (their dropout masks differ), so resuming must give each rank its own back."""
+    import torch
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == "cuda" else None)
+    every = [mine]
+    if ddp:
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+    return {"torch": [s[0].cpu() for s in every], "cuda": [s[1].cpu() for s in every] if mine[1] is not None else None}
+
+
+def restore_rng(rng, rank, world_size, device_type):
+    """Give this rank its own saved RNG states (see rng_states); checkpoints of older versions hold rank 0's only."""
+    import torch
+    states = rng["torch"] if isinstance(rng["torch"], list) else [rng["torch"]]
+    cuda = rng.get("cuda")
+    cuda = cuda if isinstance(cuda, list) or cuda is None else [cuda]
+    if len(states) != world_size and rank == 0:
+        print(f"note: the checkpoint holds the RNG states of {len(states)} rank(s), this run has {world_size}: "
+              f"dropout will not repeat the uninterrupted run's exactly")
+    torch.set_rng_state(states[rank % len(states)])
+    if device_type == "cuda" and cuda:
+        torch.cuda.set_rng_state(cuda[rank % len(cuda)])
+
+
 def precision(device, dtype="auto"):
-    """The dtype name and the autocast context to run the model in: 'auto' is bfloat16 on CUDA GPUs that
-    have it, float32 elsewhere (bf16 matmuls are very slow on CPUs)."""
+    """The dtype name and the autocast context to run the model in. 'auto': bfloat16 on CUDA GPUs with bf16
+    tensor cores, float16 (with loss scaling, see grad_scaler) on older ones such as V100 and T4, whose bf16
+    is emulated and very slow, and float32 elsewhere (bf16 matmuls are slow on CPUs too)."""
     import torch
     device_type = device.split(":")[0]
     if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "float32"
+        if device_type == "cuda":
+            # is_bf16_supported() alone counts emulation (True on a V100)
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         die(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
     if dtype == "float32":
@@ -220,36 +254,113 @@ def precision(device, dtype="auto"):
     return dtype, torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def accumulate_gradients(model, micro_batches, autocast, ddp):
-    """Forward and backward over the (x, y) micro-batches, each loss scaled by 1/len(micro_batches);
-    under DDP gradients are all-reduced on the last micro-step only. Returns the step's mean loss,
-    averaged over ranks (a float: NaN and inf are the caller's to check before optimizer.step())."""
+def grad_scaler(dtype, device):
+    """float16's gradients underflow without loss scaling: a GradScaler for float16 (as nanoGPT), else None."""
     import torch
-    n = len(micro_batches)
-    loss_sum = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        sync = nullcontext() if not ddp or i == n - 1 else model.no_sync()
-        with sync:
-            with autocast:  # the forward only: backward runs in the forward's dtypes anyway
-                _, loss = model(x, y)
-            loss = loss / n
-            loss.backward()
-        loss_sum = loss_sum + loss.detach()
+    return torch.amp.GradScaler(device.split(":")[0]) if dtype == "float16" else None
+
+
+def lm_loss_sum(model, batch):
+    """Summed cross-entropy over the targets (y != -1) of one (x, y) micro-batch. The model's loss is their
+    mean; times their count is the sum (every micro-batch has a target: examples without one are dropped)."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss * (y != -1).sum()
+
+
+def accumulate_gradients(model, batches, n_items, autocast, ddp, scaler=None, loss_sum=lm_loss_sum):
+    """Forward and backward over the micro-batches of one optimizer step, so that the gradient is that of the
+    mean loss over every item (target token, or DPO pair) of the GLOBAL batch: each micro-batch's summed loss
+    is divided by the number of items over all micro-steps and ranks (n_items is this rank's count; the ranks'
+    counts are summed here). A mean per micro-batch would give a micro-batch of 2 reply tokens the weight of
+    one of 61 (transformers fixed that in 4.46). Under DDP, gradients are all-reduced (averaged) on the last
+    micro-step only, hence the factor world_size. `batches` may be lazy: the next one is loaded while the
+    device still runs the last backward. Returns the global mean loss as a 0-dim tensor on the device (no
+    host sync: read it when logging)."""
+    import torch
+    dev = next(model.parameters()).device
+    world = torch.distributed.get_world_size() if ddp else 1
+    n = torch.as_tensor(n_items, dtype=torch.float32).to(dev)
     if ddp:
-        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-    return float(loss_sum)
+        torch.distributed.all_reduce(n)
+    total = torch.zeros((), device=dev)
+    it = iter(batches)
+    nxt = next(it, None)
+    while nxt is not None:
+        batch, nxt = nxt, next(it, None)
+        with nullcontext() if not ddp or nxt is None else model.no_sync():
+            with autocast:  # the forward only: backward runs in the forward's dtypes anyway
+                s = loss_sum(model, batch)
+            loss = s * (world / n)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += s.detach().float()
+    if ddp:
+        torch.distributed.all_reduce(total)
+    return total / n
 
 
-def clip_gradients(params, max_norm):
-    """Scale the gradients so their global L2 norm is at most max_norm (0: never); returns the norm before
-    clipping, for the logs. The multiply is skipped when it would be by 1: on CPU it is one op per
-    tensor, ~1.5% of nanoGPT's baby shakespeare_char step."""
+def optimizer_step(optimizer, params, lr, grad_clip, scaler=None):
+    """Unscale (float16), clip to a global L2 norm of grad_clip (0: never) and apply the gradients at lr, then
+    clear them. A step whose gradients hold an inf or NaN changes no weight: float16's GradScaler skips it
+    and lowers the scale; otherwise the fused optimizer gets found_inf, which skips its update on the device.
+    Nothing waits for the GPU: returns (grad norm before clipping, whether the step was skipped), both 0-dim
+    device tensors, for the caller to read at its log interval (see StepChecks)."""
     import torch
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_norm > 0 and norm > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+    # on the CPU the comparison costs nothing and skipping a multiply by 1 saves ~1.5% of a small step;
+    # on a GPU it would wait for the device, and min(1, grad_clip / norm) is applied there instead
+    if grad_clip > 0 and (norm.device.type != "cpu" or norm > grad_clip):
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    bad = ~torch.isfinite(norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):  # fused AdamW
+        optimizer.found_inf = bad.float()
+        optimizer.step()
+    elif not bad:  # an optimizer without found_inf: the check waits for the device
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, bad
+
+
+class StepChecks:
+    """What a training loop reads back from the device only every log_interval steps: the last loss and grad
+    norm, and the steps skipped for an inf or NaN (their weights are unchanged). A non-finite loss, or a
+    skipped step outside float16 (where GradScaler skips overflowing steps by design), stops the run with a
+    clear error: call check() before every log line and before every checkpoint is written."""
+
+    def __init__(self, fp16):
+        self.fp16, self.skipped, self.first_bad = fp16, 0, None
+        self.loss = self.grad_norm = self._bad = self._first = None
+
+    def record(self, step, loss, grad_norm, bad):
+        import torch
+        self.loss, self.grad_norm = loss, grad_norm
+        bad = bad | ~torch.isfinite(loss)
+        if self._bad is None:
+            self._bad, self._first = torch.zeros((), dtype=torch.long, device=bad.device), torch.full((), -1, device=bad.device)
+        self._first = torch.where((self._first < 0) & bad, step, self._first)
+        self._bad += bad
+
+    def check(self, saved):
+        """(loss, grad_norm) as floats; dies when the run cannot go on. `saved` says what the user still has."""
+        if self._bad is None:
+            return float("nan"), float("nan")
+        loss, norm, nbad, first = (float(self.loss), float(self.grad_norm), int(self._bad), int(self._first))
+        self._bad.zero_()
+        self._first.fill_(-1)
+        if nbad and (not self.fp16 or not math.isfinite(loss)):
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            die(f"{what} is {loss if what == 'loss' else norm} (inf or NaN first at step {first}; that step changed "
+                f"no weight); {saved}. Lower --learning_rate or check the data")
+        self.skipped += nbad
+        return loss, norm
 
 
 def metrics_log(out_dir, enabled=True):
@@ -264,17 +375,6 @@ def metrics_log(out_dir, enabled=True):
         f.write(json.dumps(record) + "\n")
         f.flush()
     return log
-
-
-def optimizer_step(optimizer, lr, lossf, step, saved):
-    """Apply the step's gradients at learning rate lr, then clear them. A NaN or inf loss stops the run
-    (exit 2) before the weights are touched; `saved` says what the user still has."""
-    if not math.isfinite(lossf):
-        die(f"loss is {lossf} at step {step}; {saved}. Lower --learning_rate or check the data")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters, schedule="cosine", cooldown_frac=0.2):

@@ -3,7 +3,8 @@ Direct Preference Optimization: from pairs (prompt, chosen reply, rejected reply
 the chosen replies more than it did, with no reward model and no sampling (Rafailov et al., 2023).
 The policy starts from the SFT checkpoint; the reference is those same weights frozen, so its log-probs are
 computed once, up front, and no second model sits in memory. A reply's log-prob is the SUM over its tokens
-(including its <|end|>), as in the paper and TRL (a per-token mean lets DPO collapse).
+(including its <|end|>), as in the paper and TRL (a per-token mean lets DPO collapse); IPO takes the per-token
+mean, as TRL does, so that its margin target 1/(2 beta) means the same for short and long replies.
 
     python dpo.py                                           # out-sft on pydocs-pref -> out-dpo (offline)
     python dpo.py --init_from=out-sft-instr --data=../shared/data/instruction-data-with-preference.json
@@ -17,8 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (Progress, clip_gradients, configure, die, fmt_time, get_lr, metrics_log, optimizer_step,
-                    precision, save_checkpoint, setup_ddp)
+from common import (Progress, StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler,
+                    metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 
 # -----------------------------------------------------------------------------
@@ -72,6 +73,7 @@ ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
 dtype, autocast = precision(device, dtype)
+scaler = grad_scaler(dtype, device)
 
 model, base, tok = C.load_start(init_from, device, grow_vocab=True)  # so that a model lacking them gets here:
 if base is None or not base.get("chat"):
@@ -96,13 +98,14 @@ max_iters = max_iters or max(1, epochs * len(train_set) // rows_per_step)
 train_eval_ix = list(range(min(len(val_set), len(train_set))))
 
 
-def logps(pairs, with_grad=False):
-    """(chosen, rejected) summed log-probs of the replies of these pairs: one forward pass for both sides."""
+def logps(pairs, net=None):
+    """(chosen, rejected) summed log-probs of the replies of these pairs: one forward pass for both sides.
+    net: the (DDP) model to train through; None scores without gradients and without DDP (ranks score
+    different numbers of batches)."""
     x, y = C.pair_batch(pairs, tok.eot_id, device)
-    net = model if with_grad else raw_model  # scoring skips DDP (ranks score different numbers of batches)
-    with (nullcontext() if with_grad else torch.no_grad()), autocast:
-        logits, _ = net(x)
-    lp = C.sequence_logps(logits, y)
+    with (nullcontext() if net is not None else torch.no_grad()), autocast:
+        logits, _ = (net or raw_model)(x)
+    lp = C.sequence_logps(logits, y, average=loss_type == "ipo")
     return lp[:len(pairs)], lp[len(pairs):]
 
 
@@ -158,7 +161,8 @@ def show(step, ev):
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ddp:
     from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                                    broadcast_buffers=False)
 log = metrics_log(out_dir, master)
 
 
@@ -175,38 +179,46 @@ if master:
 gen = torch.Generator().manual_seed(seed)
 order = C.batch_order(len(train_set), rows_per_step, gen)
 best_ev = ev_before
+stats = torch.zeros(2, device=device)  # summed reward margins and correct pairs of this step (this rank)
+
+
+def dpo_loss_sum(net, rows):
+    """Summed DPO loss of the pairs train_set[rows] (accumulate_gradients divides by the global pair count)."""
+    pi_c, pi_r = logps([train_set[i] for i in rows], net)
+    losses, r_c, r_r = C.dpo_loss(pi_c, pi_r, ref_train[0, rows], ref_train[1, rows], beta, loss_type,
+                                  label_smoothing)
+    stats.add_(torch.stack([(r_c - r_r).sum(), (r_c > r_r).float().sum()]))
+    return losses.sum()
+
+
 step, best_val, t_start, t_last = 0, float("inf"), time.time(), time.time()
+checks = StepChecks(fp16=scaler is not None)
+saved = "nothing more was saved"
 while step < max_iters:
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule)
-    ix = next(order)
-    stats = torch.zeros(4, device=device)  # loss, margin, accuracy, pairs: this step's train figures
-    for micro in range(grad_accum):
-        first = (micro * world_size + rank) * batch_size
-        rows = ix[first:first + batch_size]
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
-        with sync:
-            pi_c, pi_r = logps([train_set[i] for i in rows], with_grad=True)
-            losses, r_c, r_r = C.dpo_loss(pi_c, pi_r, ref_train[0, rows], ref_train[1, rows], beta, loss_type,
-                                          label_smoothing)
-            (losses.mean() / grad_accum).backward()
-        stats += torch.stack([losses.detach().sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(),
-                              torch.tensor(float(len(rows)), device=device)])
-    grad_norm = clip_gradients(model.parameters(), grad_clip)
-    if ddp:
-        torch.distributed.all_reduce(stats)
-    lossf, margin, acc = (stats[:3] / stats[3]).tolist()
-    optimizer_step(optimizer, lr, lossf, step, "nothing more was saved")
+    ix = next(order)  # the global batch; this rank's rows of each micro-step
+    micro = [ix[r:r + batch_size] for r in ((m * world_size + rank) * batch_size for m in range(grad_accum))]
+    stats.zero_()
+    loss = accumulate_gradients(model, micro, batch_size * grad_accum, autocast, ddp, scaler, dpo_loss_sum)
+    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler)
+    checks.record(step, loss, grad_norm, bad)
     step += 1
-    if master and step % log_interval == 0:
-        now = time.time()
-        eta = (now - t_start) / step * (max_iters - step)
-        print(f"step {step}/{max_iters} | loss {lossf:.4f} | margin {margin:+.3f} | accuracy {acc:.2f} | "
-              f"lr {lr:.2e} | grad norm {grad_norm:.2f} | {(now - t_last) / log_interval * 1000:.0f} ms/step | "
-              f"ETA {fmt_time(eta)}")
-        t_last = now
-        log({"step": step, "loss": lossf, "rewards/margins": margin, "rewards/accuracy": acc, "lr": lr,
-             "grad_norm": grad_norm})
+    if step % log_interval == 0:
+        lossf, normf = checks.check(saved)
+        if ddp:
+            torch.distributed.all_reduce(stats)
+        margin, acc = (stats / rows_per_step).tolist()  # this step's, as the loss
+        if master:
+            now = time.time()
+            eta = (now - t_start) / step * (max_iters - step)
+            print(f"step {step}/{max_iters} | loss {lossf:.4f} | margin {margin:+.3f} | accuracy {acc:.2f} | "
+                  f"lr {lr:.2e} | grad norm {normf:.2f} | {(now - t_last) / log_interval * 1000:.0f} ms/step | "
+                  f"ETA {fmt_time(eta)}")
+            t_last = now
+            log({"step": step, "loss": lossf, "rewards/margins": margin, "rewards/accuracy": acc, "lr": lr,
+                 "grad_norm": normf})
     if step % eval_interval == 0 or step == max_iters:
+        checks.check(saved)  # never save weights after an inf or NaN
         t_eval = time.time()
         ev = evaluate()
         t_last += time.time() - t_eval

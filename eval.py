@@ -22,7 +22,7 @@ Tasks:
   arc_easy    ARC JSONL (question.stem, question.choices[].text/label, answerKey); also arc_challenge
               Multiple choice is scored as lm-evaluation-harness does: the summed log-probability of each
               option given the prompt; acc = the option with the highest sum is right, acc_norm = the highest
-              sum per UTF-8 byte of the option. One full forward (no KV cache) scores a batch of options.
+              sum per character of the option (len() of its text, without the space before it). One full forward (no KV cache) scores a batch of options.
   gsm8k       GSM8K JSONL (question, answer ending in '#### N'): greedy decoding until a stop string, then the
               number after '####' (else the last number) is compared with the reference: exact match.
   judge       the model answers held-out instructions: chat_data's val split of --judge_data (pydocs-qa,
@@ -165,8 +165,8 @@ def read_hellaswag(path):
             ctx = f"{a} {b.capitalize()}".strip()
         activity = obj.get("activity_label")
         query = f"{activity}: {ctx}" if isinstance(activity, str) and activity else ctx
-        items.append(dict(context=hellaswag_clean(query), choices=[" " + hellaswag_clean(e) for e in endings],
-                          gold=int(label)))
+        items.append(dict(context=hellaswag_clean(query), choices=[hellaswag_clean(e) for e in endings],
+                          gold=int(label), delimiter=" "))
     return items
 
 
@@ -182,8 +182,8 @@ def read_arc(path):
         labels = [c["label"] for c in choices]
         if key not in labels:
             bad(path, lineno, "answerKey", f"{key!r} is not one of the choice labels {labels}")
-        items.append(dict(context=f"Question: {stem}\nAnswer:", choices=[" " + c["text"] for c in choices],
-                          gold=labels.index(key)))
+        items.append(dict(context=f"Question: {stem}\nAnswer:", choices=[c["text"] for c in choices],
+                          gold=labels.index(key), delimiter=" "))
     return items
 
 
@@ -216,7 +216,7 @@ def read_mmlu(path):
             if answer not in ("A", "B", "C", "D"):
                 bad(f, lineno, "answer", f"should be A, B, C or D, got {row[5]!r}")
             q = row[0].strip() + "".join(f"\n{k}. {x.strip()}" for k, x in zip("ABCD", row[1:5])) + "\nAnswer:"
-            items.append(dict(context=q, choices=[" A", " B", " C", " D"], gold="ABCD".index(answer),
+            items.append(dict(context=q, choices=["A", "B", "C", "D"], gold="ABCD".index(answer), delimiter=" ",
                               group=subject, prefix=f"The following are multiple choice questions (with "
                                                     f"answers) about {subject}.\n\n"))
     return items
@@ -302,11 +302,11 @@ def pydocs_items(data_root, split="val"):
 
 
 def encode_pair(tok, context, continuation):
-    """Token ids of (context, continuation), as lm-evaluation-harness: spaces at the end of the context
+    """Token ids of (context, continuation), as lm-evaluation-harness: whitespace at the end of the context
     move to the continuation, and the continuation is what the whole text has after the context's tokens
     (tokenized as in running text; should a merge cross the boundary, so that the context's tokens are not
     a prefix of the whole text's, the continuation is encoded on its own). An empty context is <|endoftext|>."""
-    n = len(context) - len(context.rstrip(" "))
+    n = len(context) - len(context.rstrip())  # all trailing whitespace, as the harness (newlines too)
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tok.encode(context + continuation)
@@ -376,7 +376,8 @@ def fewshot(pool, members, i, k, seed, exclude_i):
 
 
 def mc_prompt(item, shots):
-    return item.get("prefix", "") + "".join(s["context"] + s["choices"][s["gold"]] + "\n\n" for s in shots) \
+    return item.get("prefix", "") + "".join(s["context"] + s.get("delimiter", "") + s["choices"][s["gold"]] + "\n\n"
+                                            for s in shots) \
         + item["context"]
 
 
@@ -391,8 +392,8 @@ def multiple_choice(model, tok, items, pool, exclude_self, k, seed, batch_tokens
         members = groups.get(it.get("group"), []) if it.get("group") is not None else range(len(pool))
         shots = fewshot(pool, members, i, k, seed, exclude_self)
         ctx = mc_prompt(it, shots)
-        for c in it["choices"]:
-            requests.append(encode_pair(tok, ctx, c))
+        for c in it["choices"]:  # the harness's target_delimiter (a space) goes before every option
+            requests.append(encode_pair(tok, ctx, it.get("delimiter", "") + c))
             owner.append(i)
     lls = loglikelihoods(model, requests, batch_tokens, autocast, f"{desc} options")
     return mc_metrics(items, lls, owner) | {"num_fewshot": k}
@@ -400,13 +401,14 @@ def multiple_choice(model, tok, items, pool, exclude_self, k, seed, batch_tokens
 
 def mc_predictions(items, lls, owner):
     """[(acc's choice, acc_norm's choice)] per item: the option with the highest summed log-prob, and the
-    one with the highest sum per UTF-8 byte of the option (lm-evaluation-harness divides by characters)."""
+    one with the highest sum per character of the option, as lm-evaluation-harness: its len() of the option
+    string, without the delimiter that was scored before it."""
     sums = [[] for _ in items]
     for (s, _, _), i in zip(lls, owner):
         sums[i].append(s)
     preds = []
     for it, ss in zip(items, sums):
-        lens = [len(c.encode("utf-8")) for c in it["choices"]]
+        lens = [len(c) for c in it["choices"]]
         preds.append((int(np.argmax(ss)), int(np.argmax([s / n for s, n in zip(ss, lens)]))))
     return preds
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common import (accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, metrics_log,
+from common import (StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler, metrics_log,
                     optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 
@@ -60,6 +60,7 @@ ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
 dtype, autocast = precision(device, dtype)
+scaler = grad_scaler(dtype, device)
 
 # the model: the chat tokens get embedding rows if it has none (a GPT-2 import)
 model, base, tok = C.load_start(init_from, device, grow_vocab=True)
@@ -85,7 +86,8 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 raw_model = model
 if ddp:
     from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                                    broadcast_buffers=False)
 
 
 def held_out_loss():
@@ -114,23 +116,30 @@ if master:
     log({"step": 0, "val_loss": val_before})
 t_last = time.time()
 model.train()
+checks = StepChecks(fp16=scaler is not None)
+saved = "nothing more was saved"
 while step < max_iters:
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule)
     ix = next(order)  # the global batch; this rank's rows of each micro-step
-    rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
-    lossf = accumulate_gradients(model, [C.collate([train_set[i] for i in ix[r:r + batch_size]], tok.eot_id, device)
-                                         for r in rows], autocast, ddp)
-    grad_norm = clip_gradients(model.parameters(), grad_clip)
-    optimizer_step(optimizer, lr, lossf, step, "nothing more was saved")
+    micro = [[train_set[i] for i in ix[r:r + batch_size]] for r in ((m * world_size + rank) * batch_size
+                                                                      for m in range(grad_accum))]
+    n_targets = sum(sum(mask[1:]) for examples in micro for _, mask in examples)  # this rank's reply tokens
+    batches = (C.collate(examples, tok.eot_id, device) for examples in micro)
+    loss = accumulate_gradients(model, batches, n_targets, autocast, ddp, scaler)
+    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler)
+    checks.record(step, loss, grad_norm, bad)
     step += 1
-    if master and step % log_interval == 0:
-        now = time.time()
-        eta = (now - t0) / step * (max_iters - step)
-        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
-              f"{(now - t_last) / log_interval * 1000:.0f} ms/step | ETA {fmt_time(eta)}")
-        t_last = now
-        log({"step": step, "loss": lossf, "lr": lr, "grad_norm": grad_norm})
+    if step % log_interval == 0:
+        lossf, normf = checks.check(saved)
+        if master:
+            now = time.time()
+            eta = (now - t0) / step * (max_iters - step)
+            print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {normf:.2f} | "
+                  f"{(now - t_last) / log_interval * 1000:.0f} ms/step | ETA {fmt_time(eta)}")
+            t_last = now
+            log({"step": step, "loss": lossf, "lr": lr, "grad_norm": normf})
     if step % eval_interval == 0 or step == max_iters:
+        checks.check(saved)  # never save weights after an inf or NaN
         t_eval = time.time()
         val = held_out_loss()
         t_last += time.time() - t_eval

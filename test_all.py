@@ -223,20 +223,21 @@ def test_lr_schedule():
     assert wsd[10] == wsd[80] == 1.0 and abs(wsd[90] - 0.5) < 1e-9 and wsd[100] == 0.0
 
 
-def test_clip_gradients_matches_torch_and_skips_when_below():
-    from common import clip_gradients
+def test_optimizer_step_clips_like_torch():
+    """optimizer_step's clipping (skipped when below the limit) moves the weights as clip_grad_norm_ + SGD do."""
+    from common import optimizer_step
     for max_norm, scale in ((1.0, 10.0), (1.0, 0.01), (0.0, 10.0)):
         a, b = tiny(), tiny()
         x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
         for m in (a, b):
             (m(x, x)[1] * scale).backward()
-        norm = clip_gradients(a.parameters(), max_norm)
+        norm, bad = optimizer_step(torch.optim.SGD(a.parameters(), lr=0.5), a.parameters(), 0.5, max_norm)
         ref = torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm if max_norm > 0 else float("inf"))
-        assert abs(norm - float(ref)) < 1e-4 * float(ref)  # the norm before clipping
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            assert torch.allclose(pa.grad, pb.grad, rtol=1e-5, atol=1e-8)
-        if max_norm > 0 and norm > max_norm:  # clipped to max_norm
-            assert abs(torch.nn.utils.get_total_norm([p.grad for p in a.parameters()]) - max_norm) < 1e-4
+        assert abs(float(norm) - float(ref)) < 1e-4 * float(ref) and not bad  # the norm before clipping
+        with torch.no_grad():
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                assert pa.grad is None  # cleared
+                assert torch.allclose(pa, pb - 0.5 * pb.grad, rtol=1e-5, atol=1e-7)
 
 
 # ----- config / train: train.py -----
@@ -322,6 +323,106 @@ def test_ddp_two_ranks_match_one_process():
                 assert abs(ra[k] - rb[k]) < 1e-4, (ra, rb)
 
 
+# the loss-weighting worker: exec'd in-process for the single-process references and run under torchrun
+LOSS_WEIGHTING = r'''
+import sys
+from contextlib import nullcontext
+import torch
+sys.path.insert(0, ROOT)
+import chat_data as C
+import model as M
+from common import accumulate_gradients, setup_ddp
+
+
+def lw_model():
+    torch.manual_seed(0)
+    return M.GPT(M.GPTConfig(vocab_size=64, block_size=80, n_layer=2, n_head=2, n_embd=32))
+
+
+def lw_sft_examples():
+    """(ids, mask) of 4 conversations whose replies have 2, 61, 5 and 30 tokens."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for prompt, reply in ((5, 2), (3, 61), (10, 5), (2, 30)):
+        ids = torch.randint(0, 60, (prompt + reply + 1,), generator=g).tolist()
+        out.append((ids, [0] * (prompt + 1) + [1] * reply))
+    return out
+
+
+def lw_pairs():
+    """(pairs, reference log-probs): 4 preference pairs of replies 1 to 40 tokens long."""
+    g = torch.Generator().manual_seed(2)
+    pairs = []
+    for prompt, chosen, rejected in ((4, 1, 40), (9, 25, 3), (2, 7, 7), (6, 33, 12)):
+        p = torch.randint(0, 60, (prompt + 1,), generator=g).tolist()
+        c, r = torch.randint(0, 60, (chosen,), generator=g).tolist(), torch.randint(0, 60, (rejected,), generator=g).tolist()
+        pairs.append((p + c, [0] * (prompt + 1) + [1] * chosen, p + r, [0] * (prompt + 1) + [1] * rejected))
+    return pairs, -30 * torch.rand(2, 4, generator=g)
+
+
+def lw_step(world, rank, ddp, grad_accum, kind):
+    """(logged loss, gradients) of one optimizer step over the 4 examples (or pairs), split into grad_accum
+    micro-steps on each of world ranks exactly as finetune.py and dpo.py split a global batch."""
+    model = lw_model()
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    bs = 4 // (world * grad_accum)
+    rows = [(m * world + rank) * bs for m in range(grad_accum)]
+    if kind == "sft":
+        examples = lw_sft_examples()
+        micro = [examples[r:r + bs] for r in rows]
+        n_targets = sum(sum(mask[1:]) for ex in micro for _, mask in ex)
+        loss = accumulate_gradients(net, [C.collate(ex, 0, "cpu") for ex in micro], n_targets, nullcontext(), ddp)
+    else:
+        pairs, ref = lw_pairs()
+
+        def dpo_loss_sum(net, ix):
+            x, y = C.pair_batch([pairs[i] for i in ix], 0, "cpu")
+            lp = C.sequence_logps(net(x)[0], y)
+            losses, _, _ = C.dpo_loss(lp[:len(ix)], lp[len(ix):], ref[0, ix], ref[1, ix], 0.1)
+            return losses.sum()
+        loss = accumulate_gradients(net, [list(range(r, r + bs)) for r in rows], bs * grad_accum, nullcontext(), ddp,
+                                    loss_sum=dpo_loss_sum)
+    return float(loss), [p.grad.clone() for p in model.parameters()]
+
+
+if __name__ == "__main__":
+    ddp, rank, _, world, _ = setup_ddp("cpu")
+    out = {f"{kind}{ga}": lw_step(world, rank, True, ga, kind) for kind in ("sft", "dpo") for ga in (1, 2)}
+    if rank == 0:
+        torch.save(out, sys.argv[1])
+    torch.distributed.destroy_process_group()
+'''
+
+
+def test_loss_weighting_accumulation_and_ddp_equal_one_batch():
+    """One optimizer step over examples of very different reply lengths (2 to 61 tokens; DPO pairs of 1 to 40)
+    gives the same gradients (1e-6) and logged loss whether it is one micro-batch, grad_accum=2, or 2 DDP ranks
+    on gloo (x1 and x2 micro-steps): the loss is the mean over every target token (pair) of the global batch."""
+    ns = {"ROOT": str(ROOT), "__name__": "lw"}
+    exec(LOSS_WEIGHTING, ns)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker, out = Path(tmp) / "lw.py", Path(tmp) / "grads.pt"
+        worker.write_text(f"ROOT = {str(ROOT)!r}\n" + LOSS_WEIGHTING)
+        p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, **RUN_ENV})
+        assert p.returncode == 0, p.stderr[-3000:]
+        ddp = torch.load(out, weights_only=True)
+    for kind in ("sft", "dpo"):
+        ref_loss, ref = ns["lw_step"](1, 0, False, 1, kind)
+        if kind == "sft":  # the token mean, worked out directly
+            ex = ns["lw_sft_examples"]()
+            x, y = __import__("chat_data").collate(ex, 0, "cpu")
+            want = F.cross_entropy(ns["lw_model"]()(x)[0].view(-1, 64), y.view(-1), ignore_index=-1).item()
+            assert abs(ref_loss - want) < 1e-6, (ref_loss, want)
+        runs = {"grad_accum=2": ns["lw_step"](1, 0, False, 2, kind), "2 ranks": ddp[f"{kind}1"],
+                "2 ranks x grad_accum=2": ddp[f"{kind}2"]}
+        for name, (loss, grads) in runs.items():
+            assert abs(loss - ref_loss) < 1e-6, (kind, name, loss, ref_loss)
+            err = max(float((a - b).abs().max()) for a, b in zip(grads, ref))
+            assert err < 1e-6, (kind, name, err)
+
+
 def test_train_bad_inputs_exit_2_and_keep_checkpoint():
     out = Path(_TMP) / "out-bad"
     train(out, "--max_iters=4", "--eval_interval=4")
@@ -340,7 +441,8 @@ def test_train_bad_inputs_exit_2_and_keep_checkpoint():
     assert_clear_error(p, "tokenizer", "--out_dir")
     # a loss that blows up stops the run and leaves the last good checkpoint as it was
     assert_clear_error(train(out, "--init_from=resume", "--max_iters=12", "--eval_interval=100",
-                             "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0", check=None), "loss is")
+                             "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0", check=None),
+                      "inf or NaN first at step", "untouched")
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -1538,7 +1640,8 @@ def test_eval_fewshot_prompts():
         assert shots == E.fewshot(items, range(len(items)), i, 3, 7, True)
         prompt = E.mc_prompt(it, shots)
         assert prompt.endswith("\n\n" + it["context"]) and prompt.count("\nA: ") == 3
-        assert prompt.startswith(shots[0]["context"] + shots[0]["choices"][shots[0]["gold"]] + "\n\n")
+        assert prompt.startswith(shots[0]["context"] + shots[0].get("delimiter", "") + shots[0]["choices"][shots[0]["gold"]]
+                                 + "\n\n")
     assert E.fewshot(items, range(len(items)), 0, 3, 7, True) != E.fewshot(items, range(len(items)), 0, 3, 8, True)
     mmlu = EVAL_TMP / "mm"
     mmlu.mkdir(exist_ok=True)
@@ -1594,18 +1697,23 @@ def test_eval_acc_norm_differs_exactly_where_lengths_differ():
         if i % 2 == 0:
             assert a == b
     assert any(a != b for a, b in preds[1::2])
-    # crafted: 'ab' sums -2 (-1/byte), 'abcdefgh' -4 (-0.5/byte); 'é' -2 is 2 bytes (-1/byte), 'a' -1.5
-    items = [{"choices": ["ab", "abcdefgh"], "gold": 0}, {"choices": ["é", "a"], "gold": 0}]
-    lls = [(-2.0, 1, False), (-4.0, 1, False), (-2.0, 1, False), (-1.5, 1, False)]
-    assert E.mc_predictions(items, lls, [0, 0, 1, 1]) == [(0, 1), (1, 0)]
+    # hand-worked from lm-evaluation-harness's definition: the options are scored as " ab" and " abcd" (its
+    # target_delimiter), but acc_norm divides by len() of the option without it: -1.0/2 = -0.5 < -1.9/4 = -0.475,
+    # so acc picks 0 and acc_norm 1 (dividing by 3 and 5 would pick 0 twice). len() counts characters:
+    # 'éé' -2.2 is 2 characters (-1.1 each; 4 UTF-8 bytes would make it -0.55), 'abc' -3.15 (-1.05 each)
+    items = [{"choices": ["ab", "abcd"], "gold": 1, "delimiter": " "}, {"choices": ["éé", "abc"], "gold": 1}]
+    lls = [(-1.0, 1, False), (-1.9, 1, False), (-2.2, 1, False), (-3.15, 1, False)]
+    assert E.mc_predictions(items, lls, [0, 0, 1, 1]) == [(0, 1), (0, 1)]
     m = E.mc_metrics(items, lls, [0, 0, 1, 1])
-    assert m["acc"] == 0.5 and m["acc_norm"] == 0.5 and m["chance"] == 0.5
+    assert m["acc"] == 0.0 and m["acc_norm"] == 1.0 and m["chance"] == 0.5
 
 
 def test_eval_encode_pair_like_harness():
     tok = BYTE
     assert E.encode_pair(tok, "Q: a\nA: ", "red") == (tok.encode("Q: a\nA:"), tok.encode(" red"))
     assert E.encode_pair(tok, "", "red") == ([tok.eot_id], tok.encode("red"))
+    # the harness moves ALL trailing whitespace (rstrip()), newlines and tabs too, to the continuation
+    assert E.encode_pair(tok, "Q: a\nA:\n \t", "red") == (tok.encode("Q: a\nA:"), tok.encode("\n \tred"))
     if (SHARED / "gpt2.tiktoken").exists():
         g = T.get_tokenizer("gpt2")
         ctx, cont = E.encode_pair(g, "The cat sat on the", " mat")
@@ -1764,18 +1872,19 @@ def test_eval_task_readers_and_malformed_files():
         "answerKey": "A"}) + "\n\n" + json.dumps({"question": {"stem": "2+2?", "choices": [
             {"text": "4", "label": "1"}, {"text": "5", "label": "2"}]}, "answerKey": "1"}) + "\n")
     items = E.read_arc(arc)
-    assert items[0] == {"context": "Question: Which is a gas?\nAnswer:", "choices": [" steam", " ice", " rock"], "gold": 0}
+    assert items[0] == {"context": "Question: Which is a gas?\nAnswer:", "choices": ["steam", "ice", "rock"], "gold": 0,
+                        "delimiter": " "}
     assert items[1]["gold"] == 0 and len(items) == 2
     mmlu = d / "high_school_physics_test.csv"
     mmlu.write_text('"What is\nforce?",m*a,m/a,a/m,m+a,A\nUnit of charge?,volt,coulomb,ohm,watt,B\n')
     items = E.read_mmlu(mmlu)
     assert items[0]["context"] == "What is\nforce?\nA. m*a\nB. m/a\nC. a/m\nD. m+a\nAnswer:" and items[1]["gold"] == 1
-    assert items[0]["prefix"].endswith("about high school physics.\n\n") and items[0]["choices"] == [" A", " B", " C", " D"]
+    assert items[0]["prefix"].endswith("about high school physics.\n\n") and items[0]["choices"] == ["A", "B", "C", "D"]
     hs = d / "hs.jsonl"
     hs.write_text(json.dumps({"activity_label": "Baking", "ctx": "A man [title] mixes flour.", "endings":
                               ["He bakes.", "He [step] swims."], "label": "1"}) + "\n")
-    assert E.read_hellaswag(hs) == [{"context": "Baking: A man. mixes flour.", "choices": [" He bakes.", " He swims."],
-                                     "gold": 1}]
+    assert E.read_hellaswag(hs) == [{"context": "Baking: A man. mixes flour.", "choices": ["He bakes.", "He swims."],
+                                     "gold": 1, "delimiter": " "}]
 
     bad_hs = d / "bad_hs.jsonl"
     good = {"ctx": "x", "endings": ["a", "b"], "label": 0}
@@ -1835,7 +1944,7 @@ def test_eval_downloads_through_prepare():
             assert [it["group"] for it in items] == ["astronomy"] and items[0]["gold"] == 0
             assert sorted(p.name for p in (EVAL_TMP / "dl" / "eval" / "mmlu" / "test").iterdir()) == ["astronomy_test.csv"]
             items, _ = E.load_task("arc_easy")
-            assert items == [{"context": "Question: Hot?\nAnswer:", "choices": [" sun", " ice"], "gold": 0}]
+            assert items == [{"context": "Question: Hot?\nAnswer:", "choices": ["sun", "ice"], "gold": 0, "delimiter": " "}]
         assert "HTTP 404" in expect_die(E.load_task, "gsm8k")  # a file the mirror does not have
         server.shutdown()
         server.server_close()  # the files are here now: nothing is fetched again
@@ -2044,7 +2153,7 @@ def test_eval_loglikelihood_parity_with_transformers():
     items = [{"context": "The capital of France is", "choices": [" Paris", " a city in Europe", " 42"], "gold": 0},
              {"context": "def add(a, b):\n    return", "choices": [" a + b", " None"], "gold": 0},
              {"context": "Once upon a time " * 12, "choices": [" there was a cat.", " the end"], "gold": 1}]
-    reqs = [E.encode_pair(tok, it["context"], c) for it in items for c in it["choices"]]
+    reqs = [E.encode_pair(tok, it["context"], it.get("delimiter", "") + c) for it in items for c in it["choices"]]
     assert any(len(c) + len(x) > 49 for c, x in reqs), "one request should need cutting to the context"
     got = E.loglikelihoods(ours, reqs, batch_tokens=100)
     for (ctx, cont), (s, n, _) in zip(reqs, got):

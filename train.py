@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (accumulate_gradients, clip_gradients, configure, die, fmt_time, get_lr, load_checkpoint,
-                    metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
+from common import (StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler, load_checkpoint,
+                    metrics_log, optimizer_step, precision, restore_rng, rng_states, save_checkpoint, setup_ddp)
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -93,6 +93,7 @@ if total_batch_size % tokens_per_micro:
 grad_accum = total_batch_size // tokens_per_micro
 lr_decay_iters = lr_decay_iters or max_iters
 dtype, autocast = precision(device, dtype)
+scaler = grad_scaler(dtype, device)
 if compile is None:
     compile = device_type == "cuda"
 out = Path(out_dir)
@@ -146,7 +147,7 @@ import model as M
 data_vocab = meta["vocab_size"]
 ckpt = None
 if init_from == "resume" or eval_only and ckpt_path.exists():
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    ckpt = load_checkpoint(ckpt_path)  # on the CPU: the RNG states must stay CPU tensors
     if ckpt["meta"]["vocab_size"] != data_vocab or ckpt["tokenizer"]["kind"] != meta["tokenizer"]["kind"]:
         die(f"{ckpt_path} was trained on a {ckpt['tokenizer']['kind']} tokenizer of {ckpt['meta']['vocab_size']} "
             f"tokens but {data_vocab}-token {meta['tokenizer']['kind']} data is in {data_dir}: "
@@ -161,11 +162,18 @@ elif init_from == "scratch":
 else:
     from hf import load_model
     model, _, tok = load_model(init_from, out_dir, "cpu")
-    if meta["tokenizer"]["kind"] != "gpt2" or model.config.vocab_size < data_vocab:
-        die(f"{init_from} uses the GPT-2 tokenizer but {data_dir} was prepared with {meta['tokenizer']['kind']}: "
-            f"prepare it with --tokenizer=gpt2 (and another dataset name or --force)")
+    if tok.kind != meta["tokenizer"]["kind"]:
+        die(f"{init_from} uses the {tok.kind} tokenizer but {data_dir} was prepared with {meta['tokenizer']['kind']}: "
+            f"prepare it with --tokenizer={tok.kind} (and another dataset name or --force)")
+    # pretraining data holds text ids and <|endoftext|> only (the chat tokens above it never occur): GPT-2's
+    # 50257 rows cover GPT-2-tokenized data although the tokenizer counts 50261 tokens
+    if meta["eot_id"] >= model.config.vocab_size:
+        die(f"{data_dir} uses token ids up to {meta['eot_id']} but {init_from} has only {model.config.vocab_size} "
+            f"token embeddings: prepare the data with the model's own tokenizer")
 if block_size > model.config.block_size:
     die(f"block_size={block_size} exceeds the model's context of {model.config.block_size}")
+if block_size < model.config.block_size and init_from not in ("scratch", "resume"):
+    model.crop_block_size(block_size)  # as nanoGPT: GPT-2's 1024 positions cut to the trained context
 model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 train_gen = torch.Generator().manual_seed(seed)
@@ -174,9 +182,9 @@ if ckpt is not None and init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
     step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
     train_gen.set_state(ckpt["rng"]["data"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    restore_rng(ckpt["rng"], rank, world_size, device_type)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     if master:
         print(f"resuming from {ckpt_path} at step {step}")
 del ckpt  # free memory
@@ -185,7 +193,9 @@ if compile:
     model = torch.compile(model)
 if ddp:
     from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    # no buffer changes in training (the RoPE tables are constants): nothing to broadcast every forward
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                                    broadcast_buffers=False)
 if master:
     print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {device} {dtype}, "
           f"{world_size} rank(s) x {grad_accum} micro-steps x {batch_size}x{block_size} = {total_batch_size} tokens/step")
@@ -195,18 +205,22 @@ tok_bytes = {s: meta[s]["bytes"] / meta[s]["tokens"] if meta[s].get("bytes") els
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over the same eval_iters batches every time (a fixed generator), and bits per byte."""
+    """Mean loss over the same eval_iters batches every time (a fixed generator), and bits per byte. Each rank
+    scores its share of the batches and the sums are all-reduced: every rank gets the same figures."""
     model.eval()
     result = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(seed + 1)
-        losses = torch.zeros(eval_iters)
+        total = torch.zeros((), device=device)
         for k in range(eval_iters):
-            x, y = get_batch(split, sample_windows(split, gen, batch_size))
-            with autocast:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        result[split] = losses.mean().item()
+            ix = sample_windows(split, gen, batch_size)  # every rank draws every batch: the same ones as 1 rank
+            if k % world_size == rank:
+                with autocast:
+                    _, loss = raw_model(*get_batch(split, ix))  # not DDP's forward: ranks score unequal counts
+                total += loss.float()
+        if ddp:
+            torch.distributed.all_reduce(total)
+        result[split] = total.item() / eval_iters
         if tok_bytes[split]:
             result[f"{split}_bpb"] = result[split] / math.log(2) / tok_bytes[split]
     model.train()
@@ -214,11 +228,12 @@ def evaluate():
 
 
 def checkpoint():
+    """The checkpoint's contents; every rank calls it (the ranks' RNG states are gathered), rank 0 saves."""
     return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_args": asdict(raw_model.config), "config": config, "step": step,
             "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "meta": meta,
-            "rng": {"torch": torch.get_rng_state(), "data": train_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
+            "rng": {"data": train_gen.get_state(), **rng_states(ddp, device_type)},
+            "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 jsonl = metrics_log(out, master)
@@ -239,45 +254,68 @@ def log(record):
 # -----------------------------------------------------------------------------
 # training loop
 
-start_step, t_start, t_last, train_time = step, time.time(), time.time(), 0.0
+start_step, t_start = step, time.time()
+t_last, timed_steps, train_time, steps_done = None, 0, 0.0, 0  # the first step (compile, warm-up) is not timed
 rows_per_step = batch_size * grad_accum * world_size
+checks = StepChecks(fp16=scaler is not None)  # loss, grad norm and inf/NaN steps, read from the device when logging
 while True:
     if step % eval_interval == 0 or step == max_iters:
         t_eval = time.time()
+        saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
+        checks.check(saved)  # never save weights after an inf or NaN
         ev = evaluate()
+        improved = ev["val"] < best_val_loss  # the same on every rank (all-reduced)
+        best_val_loss = min(best_val_loss, ev["val"])
         if master:
             bpb = f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
             print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{bpb}")
             log({"step": step, "train_loss": ev["train"], "val_loss": ev["val"], "val_bpb": ev.get("val_bpb")})
-            improved = ev["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, ev["val"])
-            if step > start_step and (improved or always_save_checkpoint) and not eval_only:
-                save_checkpoint(checkpoint(), ckpt_path)
-        t_last += time.time() - t_eval  # evaluation time is not training time
+        if step > start_step and (improved or always_save_checkpoint) and not eval_only:
+            ck = checkpoint()
+            if master:
+                save_checkpoint(ck, ckpt_path)
+            del ck
+        if t_last is not None:
+            t_last += time.time() - t_eval  # evaluation time is not training time
     if step == max_iters or eval_only:
         break
 
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
-    lossf = accumulate_gradients(model, [get_batch("train", ix[r:r + batch_size]) for r in rows], autocast, ddp)
-    grad_norm = clip_gradients(model.parameters(), grad_clip)
-    saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
-    optimizer_step(optimizer, lr, lossf, step, saved)
+    batches = (get_batch("train", ix[r:r + batch_size]) for r in rows)  # lazy: loaded one micro-step ahead
+    loss = accumulate_gradients(model, batches, batch_size * block_size * grad_accum, autocast, ddp, scaler)
+    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler)
+    checks.record(step, loss, grad_norm, bad)
     step += 1
+    timed_steps += 1
+    if t_last is None:  # the first step of this run compiles and warms up: timing starts after it
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t_last, timed_steps = time.time(), 0
 
-    if step % log_interval == 0 and master:
+    if step % log_interval == 0:
+        saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
+        lossf, normf = checks.check(saved)  # every rank: all stop together
         now = time.time()
-        dt, t_last = now - t_last, now
-        train_time += dt
-        tok_s = total_batch_size * log_interval / dt
-        mfu = raw_model.estimate_mfu(tok_s / world_size, device)
-        eta = train_time / (step - start_step) * (max_iters - step)
-        mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-        print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {grad_norm:.2f} | "
-              f"{tok_s / 1e3:.1f}k tok/s{mfu_s} | ETA {fmt_time(eta)}")
-        log({"step": step, "loss": lossf, "lr": lr, "grad_norm": grad_norm, "tok_per_sec": tok_s, "mfu": mfu,
-             "time": round(now - t_start, 3)})
+        if master and timed_steps:
+            dt, t_last = now - t_last, now
+            train_time, steps_done = train_time + dt, steps_done + timed_steps
+            tok_s = total_batch_size * timed_steps / dt
+            mfu = raw_model.estimate_mfu(tok_s / world_size, device)
+            eta = train_time / steps_done * (max_iters - step)
+            extra = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
+            extra += f" | peak mem {mem:.1f} GiB" if mem is not None else ""
+            extra += f" | {checks.skipped} fp16 steps skipped, scale {scaler.get_scale():.0f}" if checks.skipped else ""
+            print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {normf:.2f} | "
+                  f"{tok_s / 1e3:.1f}k tok/s{extra} | ETA {fmt_time(eta)}")
+            log({"step": step, "loss": lossf, "lr": lr, "grad_norm": normf, "tok_per_sec": tok_s, "mfu": mfu,
+                 "peak_mem_gib": mem, "skipped_steps": checks.skipped, "time": round(now - t_start, 3)})
+        elif master:
+            print(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {normf:.2f}")
+            log({"step": step, "loss": lossf, "lr": lr, "grad_norm": normf, "time": round(now - t_start, 3)})
+        t_last, timed_steps = now, 0
 
 if master:
     if sample_at_end and not eval_only:
