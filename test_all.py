@@ -574,6 +574,53 @@ def test_prepare_uint32_shard_roundtrip_above_65535():
             [199_999] + [70_000 + ord(c) for c in "wörld"]
 
 
+def test_train_warns_when_the_steps_outrun_the_data():
+    p = train(Path(_TMP) / "out-warn", "--max_iters=5000", "--eval_only=True")
+    assert "warning: 5000 steps x 256 tokens = 1.3M tokens, but the train split has 1.0M: it will be repeated 1.3 times" \
+        in p.stdout, p.stdout
+
+
+def test_configs_token_budgets_and_sizes_add_up():
+    """The big recipes fetch at least the tokens their steps consume (each token seen about once), and their
+    comments' parameter counts are the models they build."""
+    for name, params in (("gpt2_124m", 124.5e6), ("llama_1gpu", 152.8e6)):
+        g = {"tie_embeddings": True}  # train.py's default, where a config keeps it
+        exec((ROOT / "config" / f"{name}.py").read_text(), {}, g)
+        need, have = g["max_iters"] * g["total_batch_size"], g["num_shards"] * 100_000_000
+        assert need <= have < need + 200_000_000, (name, need, have)
+        cfg = M.GPTConfig(vocab_size=50304, block_size=g["block_size"], n_layer=g["n_layer"], n_head=g["n_head"],
+                          n_kv_head=g["n_kv_head"], n_embd=g["n_embd"], bias=g["bias"], norm=g["norm"], pos=g["pos"],
+                          mlp=g["mlp"], tie_embeddings=g["tie_embeddings"])
+        with torch.device("meta"):
+            n = M.GPT(cfg).num_params()
+        assert abs(n - params) < 0.1e6, (name, n)
+        assert f"{params / 1e6:.1f}M" in (ROOT / "config" / f"{name}.py").read_text() or name == "gpt2_124m"
+
+
+def test_train_from_a_gpt2_directory_on_gpt2_tokens_learns_and_resumes():
+    """nanoGPT's fine-tune-GPT-2 run, at toy size: a GPT2LMHeadModel directory (random init, 50257 rows) trains on
+    tiny Shakespeare prepared with GPT-2's tokenizer (whose 50261 tokens include the 4 chat tokens that never
+    occur in the data): the loss falls, the context is cropped to block_size, and the run resumes."""
+    tr = need_transformers()
+    torch.manual_seed(0)
+    hf = tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=128))
+    d, out = Path(_TMP) / "hf-gpt2-init", Path(_TMP) / "out-gpt2-init"
+    hf.save_pretrained(d)
+    common_args = [f"--data_root={Path(_TMP) / 'data-gpt2'}", f"--out_dir={out}", "--dataset=local",
+                   f"--input={shared_file('tinyshakespeare.txt')}", "--tokenizer=gpt2", "--block_size=64",
+                   "--batch_size=4", "--total_batch_size=256", "--eval_iters=2", "--log_interval=5",
+                   "--sample_at_end=False", "--device=cpu", "--learning_rate=3e-3", "--warmup_iters=2",
+                   "--lr_decay_iters=40"]
+    run(["train.py", f"--init_from={d}", "--max_iters=30", "--eval_interval=15", *common_args], check=0, timeout=300)
+    run(["train.py", "--init_from=resume", "--max_iters=40", "--eval_interval=10", *common_args], check=0, timeout=300)
+    evals = [r for r in read_metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 15, 30, 30, 40], evals
+    assert evals[0]["val_loss"] > 10.5 and evals[2]["val_loss"] < evals[0]["val_loss"] - 2, evals  # ln 50257 = 10.8
+    assert evals[-1]["val_loss"] < evals[2]["val_loss"] + 0.2
+    ck = _weights(out)
+    assert ck["step"] == 40 and ck["model_args"]["vocab_size"] == 50257 and ck["model_args"]["block_size"] == 64
+
+
 def test_train_bad_inputs_exit_2_and_keep_checkpoint():
     out = Path(_TMP) / "out-bad"
     train(out, "--max_iters=4", "--eval_interval=4")

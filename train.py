@@ -38,6 +38,7 @@ data_root = "data"
 tokenizer = "bpe"          # 'bpe' (trained here) | 'gpt2' | 'byte'; used when the data is prepared
 vocab_size = 4096          # for a bpe tokenizer trained by prepare.py
 input = ""                 # for dataset='local': a file or folder
+num_shards = 0             # for dataset='fineweb10B': train shards of 100M tokens to fetch (0: prepare.py's default, 8)
 total_batch_size = 8192   # tokens per optimizer step, all ranks and micro-steps together
 batch_size = 16            # sequences per micro-step per rank
 block_size = 256
@@ -107,7 +108,7 @@ if init_from == "scratch" and ckpt_path.exists() and not eval_only:
 
 if master:
     data_dir = prepare.prepare(dataset=dataset, data_root=data_root, tokenizer=tokenizer,
-                               vocab_size=vocab_size, input=input)
+                               vocab_size=vocab_size, input=input, num_shards=num_shards)
 if ddp:
     torch.distributed.barrier()
 data_dir = Path(data_root) / dataset
@@ -120,6 +121,11 @@ for s, shards in splits.items():
             f"block_size={block_size}: lower --block_size or use more data")
 # window starts per shard, so sampling is uniform over all windows of the split
 n_windows = {s: np.cumsum([max(0, len(x) - block_size) for x in shards]) for s, shards in splits.items()}
+n_train = sum(len(x) for x in splits["train"])
+if master and max_iters * total_batch_size > n_train:
+    print(f"warning: {max_iters} steps x {total_batch_size} tokens = {max_iters * total_batch_size / 1e6:.1f}M tokens, "
+          f"but the train split has {n_train / 1e6:.1f}M: it will be repeated {max_iters * total_batch_size / n_train:.1f} "
+          f"times (fewer --max_iters, or more data{': --num_shards' if dataset == 'fineweb10B' else ''})")
 
 
 def get_batch(split, ix):

@@ -1,8 +1,9 @@
 # GPT-2 (124M) on FineWeb10B, 8 GPUs: the llm.c / nanoGPT reproduction.
-#   python prepare.py --dataset=fineweb10B     # GPT-2-tokenized shards, ~20 GB
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+# (rank 0 first fetches 101 GPT-2-tokenized shards, ~20 GB; or run prepare.py --dataset=fineweb10B --num_shards=101)
 out_dir = "out-gpt2-124m"
 dataset = "fineweb10B"
+num_shards = 101            # 10.1B tokens: the 10.0B of max_iters x total_batch_size, seen once
 tokenizer = "gpt2"
 # exactly GPT-2's architecture (vocab padded from 50257 to 50304)
 n_layer, n_head, n_embd = 12, 12, 768
