@@ -621,6 +621,45 @@ def test_train_from_a_gpt2_directory_on_gpt2_tokens_learns_and_resumes():
     assert ck["step"] == 40 and ck["model_args"]["vocab_size"] == 50257 and ck["model_args"]["block_size"] == 64
 
 
+def test_ddp_resume_gives_each_rank_its_own_rng():
+    """2 ranks with dropout (each rank its own masks): killed after the step-6 checkpoint and resumed, the run
+    ends with exactly the weights of the uninterrupted one, because each rank gets its own RNG state back."""
+    full, cut = Path(_TMP) / "out-ddp-full", Path(_TMP) / "out-ddp-cut"
+    args = ["--eval_interval=6", "--total_batch_size=512", "--dropout=0.2", "--lr_decay_iters=12"]
+    launch = lambda out, *a: subprocess.run(  # noqa: E731
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         f"--data_root={tiny_data()}", f"--out_dir={out}", *TINY, *args, *a],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, **RUN_ENV})
+    for p in (launch(full, "--max_iters=12"), launch(cut, "--max_iters=6"),
+              launch(cut, "--max_iters=12", "--init_from=resume")):
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _weights(full), _weights(cut)
+    assert a["step"] == b["step"] == 12 and len(b["rng"]["torch"]) == 2
+    assert not torch.equal(b["rng"]["torch"][0], b["rng"]["torch"][1])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
+
+
+def test_resume_from_a_checkpoint_written_on_a_gpu():
+    """A checkpoint whose tensors were saved from CUDA (their storages tagged cuda:0) loads on the CPU:
+    checkpoints are read with map_location='cpu' (RNG states must be CPU tensors, and the optimizer state
+    need not go to the GPU twice); train.py resumes it and load_model (sample, eval, finetune) reads it."""
+    out = Path(_TMP) / "out-gputag"
+    train(out, "--max_iters=4", "--eval_interval=4")
+    ck = _weights(out)
+    with mock.patch("torch.serialization.location_tag", lambda storage: "cuda:0"):
+        torch.save(ck, out / "ckpt.pt")
+    try:
+        torch.load(out / "ckpt.pt", weights_only=True)
+        tagged = False
+    except RuntimeError:  # "Attempting to deserialize object on a CUDA device"
+        tagged = True
+    assert tagged, "the storages were not tagged as CUDA ones: the test proves nothing"
+    train(out, "--max_iters=8", "--eval_interval=4", "--init_from=resume")
+    m, ckpt, _ = H.load_model("resume", out, "cpu")
+    assert ckpt["step"] == 8 and next(m.parameters()).device.type == "cpu"
+
+
 def test_train_bad_inputs_exit_2_and_keep_checkpoint():
     out = Path(_TMP) / "out-bad"
     train(out, "--max_iters=4", "--eval_interval=4")
