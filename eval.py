@@ -353,14 +353,16 @@ def loglikelihoods(model, requests, batch_tokens=8192, autocast=nullcontext(), d
                 y[r, len(full) - 1 - n:len(full) - 1] = torch.tensor(full[-n:])
         with autocast:
             logits, _ = model(x.to(dev))
-        mask = (y != -1).to(dev)
-        target = y.to(dev)[mask]
-        lp = F.log_softmax(logits[mask].float(), dim=-1)  # only the continuation positions
-        tok_lp = lp.gather(1, target[:, None]).squeeze(1)
-        greedy = lp.argmax(-1) == target
-        counts = mask.sum(1).tolist()
-        for i, s, g, n in zip(batch, tok_lp.split(counts), greedy.split(counts), counts):
-            out[i] = (s.sum().item(), n, bool(g.all()))
+        mask = y != -1
+        counts = mask.sum(1)
+        target = y[mask].to(dev)
+        lp = F.log_softmax(logits[mask.to(dev)].float(), dim=-1)  # only the continuation positions
+        # per-row sums on the device, then one transfer per batch (not two waits per option)
+        row = torch.arange(len(batch)).repeat_interleave(counts).to(dev)
+        sums = torch.zeros(len(batch), device=dev).index_add_(0, row, lp.gather(1, target[:, None]).squeeze(1))
+        misses = torch.zeros(len(batch), device=dev).index_add_(0, row, (lp.argmax(-1) != target).float())
+        for i, s, miss, n in zip(batch, sums.tolist(), misses.tolist(), counts.tolist()):
+            out[i] = (s, n, miss == 0)
         prog.update(len(batch))
     prog.close()
     return out
@@ -436,7 +438,7 @@ def stream_loss(model, stream, batch_tokens=8192, autocast=nullcontext(), desc="
     bs = model.config.block_size
     starts = list(range(0, max(len(stream) - 1, 0), bs))
     rows = max(1, batch_tokens // bs)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=dev), 0
     prog = Progress(max(len(stream) - 1, 0), desc, " tok")
     for b in range(0, len(starts), rows):
         chunks = [np.asarray(stream[s:s + bs + 1], dtype=np.int64) for s in starts[b:b + rows]]
@@ -450,12 +452,12 @@ def stream_loss(model, stream, batch_tokens=8192, autocast=nullcontext(), desc="
             logits, _ = model(x.to(dev))
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(dev).view(-1), ignore_index=-1,
                                reduction="sum")
-        total += loss.item()
+        total += loss  # summed on the device: no wait per batch
         n = int((y != -1).sum())
         count += n
         prog.update(n)
     prog.close()
-    return total, count
+    return total.item(), count
 
 
 def text_bytes(tok, ids):
