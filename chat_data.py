@@ -294,7 +294,7 @@ def finetune_checkpoint(model, optimizer, config, step, best_val_loss, tok, base
     from dataclasses import asdict
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
             "config": config, "step": step, "best_val_loss": best_val_loss,
-            "tokenizer": base["tokenizer"] if base else {"kind": tok.kind, "path": None},
+            "tokenizer": base["tokenizer"] if base else tok.spec,
             "meta": base.get("meta", {}) if base else {}, "rng": {"torch": torch.get_rng_state()},
             "chat": CHAT_TEMPLATE, "finetune": [*(base or {}).get("finetune", []), {"stage": stage, **summary}]}
 

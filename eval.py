@@ -467,9 +467,9 @@ def text_bytes(tok, ids):
 
 
 def same_tokenizer(tok, spec):
-    """Whether data tokenized as spec (meta.json's) is in tok's ids: the same kind, and for a trained BPE the
-    same merges."""
-    return spec.get("kind") == tok.kind and (tok.kind != "bpe" or T.from_spec(spec).ranks == tok.ranks)
+    """Whether data tokenized as spec (meta.json's) is in tok's ids: the same kind, and for a trained BPE or a
+    Hugging Face tokenizer the same merges."""
+    return spec.get("kind") == tok.kind and (tok.kind not in ("bpe", "hf") or T.from_spec(spec).ranks == tok.ranks)
 
 
 def lm_source(lm_data, data_root, split):

@@ -3,6 +3,10 @@ Where models come from: load_model() gives the model and tokenizer of a checkpoi
 Face directory or of GPT-2 on the hub. And Hugging Face interop without extra packages: read and write safetensors, build a GPT from a local
 GPT2LMHeadModel or LlamaForCausalLM directory (config.json + weights), write one back that transformers
 loads, and fetch GPT-2's weights from the hub.
+
+Export a checkpoint with its tokenizer (and chat template, for a fine-tuned one) for transformers:
+$ python hf.py --out_dir=out --save_dir=out-hf
+>>> AutoModelForCausalLM.from_pretrained("out-hf"), AutoTokenizer.from_pretrained("out-hf")
 """
 import json
 import math
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import atomic_path, die, download, load_checkpoint
+from common import atomic_path, configure, die, download, load_checkpoint
 from model import GPT, GPTConfig
 import tokenizer as T
 
@@ -160,13 +164,16 @@ def _from_hf_llama(hf_sd, c):
             for ours, theirs, sizes in _llama_keys(c)}
 
 
-def save_hf(model, path):
+def save_hf(model, path, tok=None, chat=False):
     """Write `model` as a Hugging Face directory that transformers loads: GPT-2 style models as
-    GPT2LMHeadModel, Llama style ones (RMSNorm + RoPE + SwiGLU) as LlamaForCausalLM."""
+    GPT2LMHeadModel, Llama style ones (RMSNorm + RoPE + SwiGLU) as LlamaForCausalLM. With tok, its tokenizer
+    too (tokenizer.to_hf: AutoTokenizer gives our ids) and generation_config.json (generate() stops at end of
+    text; chat: also at <|end|>, and tokenizer_config.json gets our chat template)."""
     c, path = model.config, Path(path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    eot = None if tok is None else tok.eot_id
     common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings, torch_dtype='float32',
-                  bos_token_id=None, eos_token_id=None)
+                  bos_token_id=eot, eos_token_id=eot)
     if (c.norm, c.pos, c.n_kv_head) == ('layernorm', 'learned', c.n_head) and c.mlp != 'swiglu':
         hf = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', n_positions=c.block_size, n_embd=c.n_embd,
                   n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_hidden, activation_function='gelu_new' if c.mlp == 'gelu_tanh' else 'gelu',
@@ -195,8 +202,14 @@ def save_hf(model, path):
             "(layernorm, learned, gelu, no GQA) nor Llama (rmsnorm, rope, swiglu) style")
     path.mkdir(parents=True, exist_ok=True)
     save_safetensors(out, path / 'model.safetensors')
-    with atomic_path(path / 'config.json') as tmp:
-        tmp.write_text(json.dumps(hf, indent=2) + '\n')
+    files = {'config.json': hf}
+    if tok is not None:
+        T.to_hf(tok, path, chat=chat, n_rows=c.vocab_size)
+        stop = [tok.special['<|end|>'], eot] if chat else eot
+        files['generation_config.json'] = dict(bos_token_id=eot, eos_token_id=stop, pad_token_id=eot)
+    for name, obj in files.items():
+        with atomic_path(path / name) as tmp:
+            tmp.write_text(json.dumps(obj, indent=2) + '\n')
 
 
 HF_REPOS = {name: f'openai-community/{name}' for name in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')}
@@ -219,9 +232,26 @@ def from_pretrained(name, cache_dir=None):
     return load_hf(d)
 
 
+def hf_tokenizer(path, vocab_size):
+    """The tokenizer of a Hugging Face model directory: its own tokenizer.json (tokenizer.from_hf, byte-level
+    BPE only); without one, GPT-2's, but only for a model with GPT-2's vocabulary (GPT-2 saved without its
+    tokenizer, or padded as nanoGPT's 50304)."""
+    path = Path(path)
+    if (path / 'tokenizer.json').is_file():
+        return T.from_hf(path)
+    if (path / 'tokenizer.model').is_file():
+        die(f"{path}: its tokenizer is SentencePiece (tokenizer.model), which is not supported: only byte-level "
+            f"BPE tokenizer.json (GPT-2, Llama 3, Qwen2 style)")
+    if not 50257 <= vocab_size <= 50304:
+        die(f"{path} has no tokenizer.json and its vocab_size {vocab_size} is not GPT-2's 50257: put the model's "
+            f"tokenizer.json (byte-level BPE) beside its config.json")
+    return T.get_tokenizer("gpt2")
+
+
 def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     """The model and tokenizer any script starts from: init_from='resume' reads out_dir/ckpt.pt,
-    'gpt2'/'gpt2-medium'/... the official weights, anything else a directory in Hugging Face layout.
+    'gpt2'/'gpt2-medium'/... the official weights (with our GPT-2 tokenizer), anything else a directory in
+    Hugging Face layout (with its own tokenizer: hf_tokenizer).
     grow_vocab: a model with fewer embedding rows than the tokenizer has tokens (GPT-2's 50257 lack the chat
     tokens) gets new rows, up to a multiple of 64 (fine-tuning then learns them); otherwise that is an error.
     Returns (model, checkpoint or None, tokenizer)."""
@@ -234,13 +264,13 @@ def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     else:
         ckpt = None
         if init_from.startswith("gpt2") and not os.path.isdir(init_from):
-            model = from_pretrained(init_from)
+            model, tok = from_pretrained(init_from), T.get_tokenizer("gpt2")
         elif os.path.isdir(init_from):
             model = load_hf(init_from)
+            tok = hf_tokenizer(init_from, model.config.vocab_size)
         else:
             die(f"init_from='{init_from}' is neither 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
                 f"nor a directory in Hugging Face layout")
-        tok = T.get_tokenizer("gpt2")
     if tok.n_vocab > model.config.vocab_size and grow_vocab:
         new_size = 64 * math.ceil(tok.n_vocab / 64)
         print(f"the model has {model.config.vocab_size} token embeddings, the tokenizer {tok.n_vocab} tokens "
@@ -250,4 +280,36 @@ def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     if tok.eot_id >= model.config.vocab_size:
         die(f"the tokenizer's end-of-text id is {tok.eot_id} but the model has only {model.config.vocab_size} "
             f"token embeddings: they do not belong together (check init_from / out_dir)")
+    if max(tok.ranks.values()) >= model.config.vocab_size:
+        die(f"the tokenizer's text tokens have ids up to {max(tok.ranks.values())} but the model has only "
+            f"{model.config.vocab_size} token embeddings: they do not belong together (check init_from / out_dir)")
     return model.to(device), ckpt, tok
+
+
+def export(out_dir, save_dir, overwrite):
+    """out_dir/ckpt.pt as a Hugging Face directory save_dir (model, tokenizer, generation config)."""
+    if not save_dir:
+        die("give --save_dir=DIR: the directory to write the Hugging Face model into")
+    save = Path(save_dir)
+    if save.resolve() == Path(out_dir).resolve():
+        die(f"save_dir '{save_dir}' is out_dir itself: write the Hugging Face files into another directory")
+    if save.exists() and not save.is_dir():
+        die(f"save_dir '{save_dir}' exists and is not a directory")
+    if save.is_dir() and any(save.iterdir()) and not overwrite:
+        die(f"save_dir '{save_dir}' is not empty: choose another --save_dir, or pass --overwrite=True to "
+            f"replace the Hugging Face files in it")
+    model, ckpt, tok = load_model("resume", out_dir)
+    save_hf(model, save, tok, chat=bool(ckpt.get("chat")))
+    print(f"saved {Path(out_dir) / 'ckpt.pt'} ({model.num_params() / 1e6:.2f}M parameters, {tok.kind} tokenizer"
+          f"{', chat template' if ckpt.get('chat') else ''}) to {save} in Hugging Face layout")
+
+
+if __name__ == "__main__":
+    # config, nanoGPT style (`--key=value`); a dict rather than globals(), as in tokenizer.py
+    config = dict(
+        out_dir="out",      # the checkpoint to export: out_dir/ckpt.pt
+        save_dir="",        # the Hugging Face directory to write (config.json, model.safetensors, tokenizer...)
+        overwrite=False,    # write into a save_dir that is not empty (its other files are left alone)
+    )
+    configure(config)
+    export(**config)

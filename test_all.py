@@ -660,6 +660,26 @@ def test_resume_from_a_checkpoint_written_on_a_gpu():
     assert ckpt["step"] == 8 and next(m.parameters()).device.type == "cpu"
 
 
+def test_gpu_smoke_script_runs_on_cpu():
+    """bench.py gpu's smoke run, on the CPU with a tiny model (no compile, float32), so that the first GPU
+    session does not meet its bugs: kill and resume continue the run, sample, eval, SFT and DPO all complete."""
+    import bench
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ["--dataset=local", f"--input={shared_file('tinyshakespeare.txt')}", "--tokenizer=byte"]
+        chat = [f"--data={shared_file('instruction-data.json')}",
+                f"--data={shared_file('instruction-data-with-preference.json')}"]
+        tiny_model = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4",
+                      "--total_batch_size=256", "--device=cpu", "--dtype=float32"]
+        with redirect_stdout(io.StringIO()) as out, mock.patch.dict(os.environ, RUN_ENV):
+            recs, first = bench.smoke(Path(tmp), data, chat, tiny_model)
+    assert [r["step"] for r in first if "val_loss" in r] == [0, 10, 20]  # killed after the step-20 checkpoint
+    resumed = [r["step"] for r in recs[len(first):] if "loss" in r or "val_loss" in r]
+    assert resumed[0] == 20 and resumed[-1] == 30, resumed
+    text = out.getvalue()
+    for what in ("train:", "sample (", "eval (", "sft (", "dpo (", "smoke run done"):
+        assert what in text, text
+
+
 def test_train_bad_inputs_exit_2_and_keep_checkpoint():
     out = Path(_TMP) / "out-bad"
     train(out, "--max_iters=4", "--eval_interval=4")
@@ -1382,6 +1402,366 @@ def test_tokenizer_cli_bad_input_exits_2():
             assert r.returncode == 2, (args, r.returncode, r.stderr)
             assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, (args, r.stderr)
             assert not (Path(d) / "out").exists()
+
+
+# ----- tokenizer: Hugging Face tokenizers in (tokenizer.from_hf) and out (tokenizer.to_hf, hf.save_hf, python hf.py) -----
+
+import chat_data as C
+
+LLAMA3_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+CHAT = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi there, what's 2+2?"},
+        {"role": "assistant", "content": "4.  Anything else?\n"},
+        {"role": "user", "content": "Naïve café 👋🏽 — no."}]
+
+
+def need_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise unittest.SkipTest("tokenizers is not installed (pip install -r requirements-test.txt)")
+    return tokenizers
+
+
+def shakespeare():
+    return shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+def hf_trained(d, style, vocab_size=1000):
+    """A byte-level BPE tokenizer.json trained with HF tokenizers on tiny Shakespeare, written to d:
+    'gpt2'   GPT-2's own layout: ByteLevel with its built-in regex, <|endoftext|> special
+    'llama3' Llama 3's: Split(its regex) then ByteLevel(use_regex=False), ignore_merges, bos/eos/... specials
+    'qwen2'  Qwen2's: NFC normalizer, Split(one digit per chunk regex), ByteLevel."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style == "gpt2")
+    if style != "gpt2":
+        regex_ = LLAMA3_REGEX if style == "llama3" else QWEN2_REGEX
+        byte_level = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex_), behavior="isolated"), byte_level])
+    tk.pre_tokenizer = byte_level
+    if style == "qwen2":
+        tk.normalizer = normalizers.NFC()
+    tk.decoder = decoders.ByteLevel()
+    # (the trainer puts them in the vocabulary too: '<｜tool▁sep｜>', as DeepSeek's, is not byte-level text)
+    specials = {"gpt2": ["<|endoftext|>"], "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<｜tool▁sep｜>"],
+                "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}[style]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([shakespeare()[:300_000]], trainer)
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    tk.save(str(d / "tokenizer.json"))
+    eos = {"gpt2": "<|endoftext|>", "llama3": "<|end_of_text|>", "qwen2": "<|im_end|>"}[style]
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos, "__type": "AddedToken"}
+                                                         if style == "llama3" else eos}))
+    return tk, eos
+
+
+def test_tokenizer_hf_byte_level_bpe_matches_tokenizers():
+    """A tokenizer.json trained by HF tokenizers (GPT-2, Llama 3 and Qwen2 layouts) loads as our tiktoken
+    Tokenizer and gives tokenizers' ids on tiny Shakespeare and the hard strings, and decodes them back."""
+    tokenizers = need_tokenizers()
+    text = shakespeare()
+    with tempfile.TemporaryDirectory() as tmp:
+        for style in ("gpt2", "llama3", "qwen2"):
+            d = Path(tmp) / style
+            ref, eos = hf_trained(d, style)
+            ref.encode_special_tokens = True  # special-token text is plain text, as in our encode()
+            tok = T.from_hf(d)
+            assert (tok.kind, tok.nfc, tok.eot_id) == ("hf", style == "qwen2", ref.token_to_id(eos)), style
+            assert tok.n_vocab == ref.get_vocab_size() + 4  # our 4 chat tokens after its own ids
+            assert [tok.special[f"<|{r}|>"] for r in ("system", "user", "assistant", "end")] == \
+                list(range(ref.get_vocab_size(), ref.get_vocab_size() + 4))
+            want = ref.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text) == want, style
+            assert tok.decode(want) == text
+            for s in HARD_STRINGS + [unicodedata.normalize("NFD", "Crème brûlée, naïve Ångström")]:
+                want = ref.encode(s, add_special_tokens=False).ids
+                assert tok.encode(s) == want, (style, s)
+                assert tok.encode_slow(s) == want, (style, s)
+                assert tok.decode(want) == (unicodedata.normalize("NFC", s) if tok.nfc else s), (style, s)
+            # allowed, the special tokens are HF's special ids
+            ref.encode_special_tokens = False
+            s = f"a{eos}b {eos}\n"
+            assert tok.encode(s, allowed_special="all") == ref.encode(s, add_special_tokens=False).ids
+            assert tok.special[eos] in tok.encode(s, allowed_special="all")
+            assert T.from_spec(tok.spec).ranks == tok.ranks and tok.spec == {"kind": "hf", "path": str(d.resolve())}
+            # written back out (to_hf), HF tokenizers reads it and gives the same ids again
+            T.to_hf(tok, Path(tmp) / f"{style}-out")
+            again = tokenizers.Tokenizer.from_file(str(Path(tmp) / f"{style}-out" / "tokenizer.json"))
+            again.encode_special_tokens = True
+            for s in [text[:50_000]] + HARD_STRINGS:
+                assert again.encode(s).ids == tok.encode(s), (style, s)
+
+
+def hf_dir(d, vocab_size, **kw):
+    """A tiny Llama-style model saved as a Hugging Face directory (no tokenizer)."""
+    d = Path(d)
+    H.save_hf(tiny(vocab_size=vocab_size, block_size=64, **dict(LLAMA, **kw)), d)
+    return d
+
+
+def test_tokenizer_hf_directory_pairs_its_own_tokenizer():
+    """hf.load_model gives a Hugging Face directory its own tokenizer: a smaller vocabulary than GPT-2's is
+    no longer refused, a larger one no longer tokenized with GPT-2's ids; GPT-2's is kept only for a
+    directory without tokenizer.json whose model has GPT-2's vocabulary."""
+    need_tokenizers()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ref, _ = hf_trained(tmp / "tok", "llama3")
+        files = [tmp / "tok" / n for n in ("tokenizer.json", "tokenizer_config.json")]
+        for rows in (1000, 50304 + 64):  # smaller than GPT-2's, and larger
+            d = hf_dir(tmp / f"m{rows}", rows)
+            for f in files:
+                (d / f.name).write_bytes(f.read_bytes())
+            model, ckpt, tok = H.load_model(str(d), None)
+            assert tok.kind == "hf" and tok.eot_id == ref.token_to_id("<|end_of_text|>") and ckpt is None
+            assert tok.encode("To be, or not to be") == ref.encode("To be, or not to be").ids
+            if rows == 1000:  # fine-tuning gives the chat tokens rows, as for GPT-2
+                with redirect_stdout(io.StringIO()):
+                    model, _, _ = H.load_model(str(d), None, grow_vocab=True)
+                assert model.config.vocab_size == 1024 and tok.special["<|end|>"] < 1024
+        # a tokenizer with more tokens than the model has rows does not belong to it
+        d = hf_dir(tmp / "m500", 500)
+        for f in files:
+            (d / f.name).write_bytes(f.read_bytes())
+        assert "text tokens have ids up to 999 but the model has only 500" in expect_die(H.load_model, str(d), None)
+        # no tokenizer.json: GPT-2's only for GPT-2's vocabulary
+        if (SHARED / "gpt2.tiktoken").exists():
+            assert H.load_model(str(hf_dir(tmp / "g", 50304)), None)[2].kind == "gpt2"
+        msg = expect_die(H.load_model, str(hf_dir(tmp / "n", 1000)), None)
+        assert "no tokenizer.json" in msg and "vocab_size 1000" in msg and msg.count("\n") == 1, msg
+
+
+def test_tokenizer_hf_finetune_checkpoint_spec_reloads():
+    """A fine-tune that starts from a Hugging Face directory records the tokenizer spec of that directory
+    (tok.spec), which rebuilds the same tokenizer for sample.py, eval.py and the next stage.
+    Needs chat_data.finetune_checkpoint to record tok.spec (it records {'kind': tok.kind, 'path': None})."""
+    need_tokenizers()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = hf_dir(Path(tmp) / "m", 1000)
+        hf_trained(d, "llama3")
+        with redirect_stdout(io.StringIO()):
+            model, _, tok = H.load_model(str(d), None, grow_vocab=True)
+        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        spec = C.finetune_checkpoint(model, opt, {}, 0, 0.0, tok, None, "sft", {})["tokenizer"]
+        assert spec == tok.spec == {"kind": "hf", "path": str(d.resolve())}, spec
+        back = T.from_spec(spec)
+        assert (back.ranks, back.special, back.eot_id) == (tok.ranks, tok.special, tok.eot_id)
+        # our own kinds record what they did before
+        assert T.get_tokenizer("byte").spec == {"kind": "byte", "path": None}
+
+
+def test_tokenizer_hf_unsupported_kinds_exit_2():
+    """SentencePiece, WordPiece, Unigram and other tokenizers stop with one line saying what they are."""
+    need_tokenizers()
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        byte_bpe = tmp / "ok"
+        hf_trained(byte_bpe, "llama3")
+        good = json.loads((byte_bpe / "tokenizer.json").read_text())
+
+        def variant(name, change=None, tk=None, config=None):
+            d = tmp / name
+            d.mkdir()
+            if tk is not None:
+                tk.save(str(d / "tokenizer.json"))
+            else:
+                info = json.loads(json.dumps(good))
+                change(info)
+                (d / "tokenizer.json").write_text(json.dumps(info))
+            (d / "tokenizer_config.json").write_text(json.dumps(config) if config else
+                                                     (byte_bpe / "tokenizer_config.json").read_text())
+            return d
+
+        wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+        wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+        unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], 0))
+        sp_bpe = Tokenizer(models.BPE({"<unk>": 0, "▁": 1, "a": 2}, [], byte_fallback=True, unk_token="<unk>"))
+        sp_bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+
+        def swap_ids(info):  # two merged tokens swap ids: no longer in merge order
+            v = info["model"]["vocab"]
+            a, b = ("".join(m) if isinstance(m, list) else m.replace(" ", "") for m in info["model"]["merges"][10:12])
+            v[a], v[b] = v[b], v[a]
+
+        cases = [
+            (variant("wordpiece", tk=wordpiece), "it is a WordPiece tokenizer"),
+            (variant("unigram", tk=unigram), "it is a Unigram tokenizer"),
+            (variant("sp_bpe", tk=sp_bpe), "SentencePiece-style BPE"),
+            (variant("digits", lambda i: i["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Digits", "individual_digits": True})),
+             "pre-tokenizer is Digits + Split + ByteLevel"),
+            (variant("prefix", lambda i: i["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True)),
+             "add_prefix_space"),
+            (variant("no_regex", lambda i: i.update(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False,
+                                                                   "use_regex": False})), "no regex"),
+            (variant("nfkc", lambda i: i.update(normalizer={"type": "NFKC"})), "normalizer is NFKC"),
+            (variant("order", swap_ids), "merge order"),
+            (variant("eos", lambda i: None, config={"eos_token": "</s>"}), "no end-of-text token"),
+            (variant("corrupt", lambda i: i.pop("model")), "is corrupt"),
+        ]
+        for d, words in cases:
+            msg = expect_die(T.from_hf, d)
+            assert msg.startswith("error: ") and msg.count("\n") == 1 and words in msg, (d.name, msg)
+        # through a script: a model directory with a SentencePiece tokenizer.model, and one with a WordPiece
+        # tokenizer.json: exit 2, one line, no traceback
+        sp = hf_dir(tmp / "sp", 1000)
+        (sp / "tokenizer.model").write_bytes(b"\x0a\x05hello")
+        wp = hf_dir(tmp / "wp", 1000)
+        (wp / "tokenizer.json").write_bytes((tmp / "wordpiece" / "tokenizer.json").read_bytes())
+        for d, words in ((sp, "SentencePiece (tokenizer.model)"), (wp, "WordPiece")):
+            assert_clear_error(run(["sample.py", f"--init_from={d}", "--device=cpu", "--max_new_tokens=2"]), words)
+
+
+# numbers, so that our BPE has merges of digits: chunks of at most 3 digits must stay so in HF's regex;
+# and texts that end in whitespace after a newline, one chunk in GPT-4's pattern (tokens such as ' \n  ')
+NUMBERS = " ".join(str(i * 7919 % 100_003) for i in range(3000))
+ENDINGS = ["Exeunt.\n  \n ", "FINIS \r\n\t ", "end\n\n    "]
+
+
+def bpe_text():
+    return [shakespeare()[:100_000] + " ".join(HARD_STRINGS) + NUMBERS] + ENDINGS * 50
+
+
+@functools.lru_cache(maxsize=None)
+def our_tokenizers():
+    """Our 'bpe' (trained here) and 'gpt2' tokenizers, and a model vocabulary size for each."""
+    out = [(T.get_tokenizer("bpe", vocab_size=600, text=bpe_text(), verbose=False), 600)]
+    if (SHARED / "gpt2.tiktoken").exists():
+        out.append((T.get_tokenizer("gpt2"), 50304))  # padded as nanoGPT, rows for the chat tokens
+    return out
+
+
+@one_thread
+def test_hf_export_tokenizer_gives_our_ids():
+    """save_hf(model, dir, tok, chat=True) writes a tokenizer that AutoTokenizer loads and that gives our
+    ids on tiny Shakespeare and the hard strings, decodes them back, and whose apply_chat_template gives
+    exactly our chat template's ids; the model loads with AutoModelForCausalLM."""
+    tr = need_transformers()
+    text = shakespeare()
+    with tempfile.TemporaryDirectory() as tmp:
+        for tok, rows in our_tokenizers():
+            if tok.kind == "gpt2":  # and all 50,000 of GPT-2's: every token is made by one merge
+                assert len(T.merges_from_ranks(tok.ranks)) == 50_000
+                # GPT-2's own 50257 rows: the chat tokens, which have none, are left out
+                T.to_hf(tok, Path(tmp) / "rows", n_rows=50257)
+                added = json.loads((Path(tmp) / "rows" / "tokenizer.json").read_text())["added_tokens"]
+                assert [(t["id"], t["content"]) for t in added] == [(50256, "<|endoftext|>")]
+            if tok.kind == "bpe":  # every merge of our trainer is recovered from the ranks alone
+                vocab = {i: b for b, i in tok.ranks.items()}
+                merges = T.train_bpe(bpe_text(), 600, verbose=False)
+                assert T.merges_from_ranks(tok.ranks) == [(vocab[a], vocab[b]) for a, b in merges]
+            d = Path(tmp) / tok.kind
+            H.save_hf(tiny(vocab_size=rows, block_size=64, **LLAMA), d, tok, chat=True)
+            hf_tok = tr.AutoTokenizer.from_pretrained(d)
+            assert hf_tok(text)["input_ids"] == tok.encode(text), tok.kind
+            assert hf_tok.decode(tok.encode(text)) == text
+            for s in HARD_STRINGS + ENDINGS + [NUMBERS[:2000], "1234567 12345678 123456789"]:
+                if "<|" in s:  # transformers reads special-token text as the special token (we do when allowed)
+                    assert hf_tok(s)["input_ids"] == tok.encode(s, allowed_special="all"), s
+                    continue
+                assert hf_tok(s)["input_ids"] == tok.encode(s), (tok.kind, s)
+                assert hf_tok.decode(tok.encode(s)) == s, (tok.kind, s)
+            want = C.chat_ids(tok, CHAT, add_generation_prompt=True)[0]
+            got = hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)
+            assert got["input_ids"] == want, tok.kind
+            assert hf_tok.apply_chat_template(CHAT[:3], tokenize=True, return_dict=True)["input_ids"] == \
+                C.chat_ids(tok, CHAT[:3])[0]
+            assert (hf_tok.eos_token_id, hf_tok.bos_token_id) == (tok.eot_id, tok.eot_id)
+            gen = json.loads((d / "generation_config.json").read_text())
+            assert gen["eos_token_id"] == [tok.special["<|end|>"], tok.eot_id]
+            tr.AutoModelForCausalLM.from_pretrained(d)
+            # and our own loader reads the export back as the same tokenizer
+            back = T.from_hf(d)
+            assert (back.ranks, back.special, back.eot_id) == (tok.ranks, tok.special, tok.eot_id)
+        # a token that no merge makes is only ever a whole chunk in tiktoken; in HF too (ignore_merges)
+        odd = T.Tokenizer("bpe", {**{bytes([b]): b for b in range(256)}, b"abc": 256}, T.GPT4_PATTERN,
+                          T.specials_after(257))
+        T.to_hf(odd, Path(tmp) / "odd")
+        hf_odd = tr.AutoTokenizer.from_pretrained(Path(tmp) / "odd")
+        for s in ("abc", " abc abcd xabc"):
+            assert hf_odd(s)["input_ids"] == odd.encode(s), s
+        assert odd.encode("abc") == [256]
+
+
+def sample_text(out_dir, start, n):
+    r = run(["sample.py", f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1", f"--start={start}",
+             f"--max_new_tokens={n}", "--device=cpu"], check=0)
+    assert r.stdout.endswith("\n---------------\n"), r.stdout
+    return r.stdout[:-len("\n---------------\n")]
+
+
+@one_thread
+def test_hf_export_generate_matches_sample():
+    """python hf.py --out_dir --save_dir exports a checkpoint (GPT-2 style and Llama style) whose greedy
+    transformers generate() writes exactly the text of python sample.py --temperature=0, stopping at end of
+    text as it does (generation_config.json)."""
+    tr = need_transformers()
+    tok = our_tokenizers()[0][0]
+    start = "ROMEO: But soft, what light"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok.save(tmp / "tok")
+        for name, style, stop in (("gpt2", dict(mlp="gelu_tanh", tie_embeddings=False), True), ("llama", LLAMA, False)):
+            model = tiny(seed=3, vocab_size=tok.n_vocab, block_size=64, n_embd=64, **style)
+            if stop:  # end of text takes over from the first new token after 8: generation stops there
+                ours = generated(model, torch.tensor([tok.encode(start)]), 20, temperature=0)[0].tolist()
+                k = next(k for k in range(8, 20) if ours[k] not in ours[:k])
+                with torch.no_grad():
+                    model.lm_head.weight[tok.eot_id] = model.lm_head.weight[ours[k]] * 1.001
+            common.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                                        tokenizer={"kind": "bpe", "path": str(tmp / "tok")}), tmp / name / "ckpt.pt")
+            save = tmp / f"{name}-hf"
+            r = run(["hf.py", f"--out_dir={tmp / name}", f"--save_dir={save}"], check=0)
+            assert "Hugging Face layout" in r.stdout
+            assert sorted(p.name for p in (tmp / name).iterdir()) == ["ckpt.pt"]
+            hf_tok = tr.AutoTokenizer.from_pretrained(save)
+            hf_model = tr.AutoModelForCausalLM.from_pretrained(save).eval()
+            ids = hf_tok(start, return_tensors="pt")["input_ids"]
+            assert ids[0].tolist() == tok.encode(start)
+            with torch.no_grad():
+                out = hf_model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+            if stop:  # transformers ends with the end-of-text token, which sample.py does not print
+                assert len(out) < 20 and out[-1] == tok.eot_id, out
+                out = out[:-1]
+            assert len(out) >= 5 and len(set(out)) >= 2, out  # a continuation worth comparing
+            assert sample_text(tmp / name, start, 20) == start + hf_tok.decode(out), name
+
+
+def test_hf_export_cli_bad_inputs_exit_2():
+    """python hf.py: a missing checkpoint, no or a non-empty save_dir, save_dir = out_dir: exit 2, one line,
+    and the checkpoint is never touched; --overwrite=True writes into a non-empty save_dir."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = tmp / "out"
+        model = tiny(vocab_size=261, block_size=16, **LLAMA)  # a chat checkpoint, as finetune.py writes
+        common.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), chat=C.CHAT_TEMPLATE,
+                                    tokenizer={"kind": "byte", "path": None}), out / "ckpt.pt")
+        ckpt = (out / "ckpt.pt").read_bytes()
+        (tmp / "full").mkdir()
+        (tmp / "full" / "notes.txt").write_text("mine")
+        # through the command line (no traceback), then the same function in-process (cheaper)
+        assert_clear_error(run(["hf.py", f"--out_dir={tmp / 'missing'}", f"--save_dir={tmp / 'x'}"]), "no checkpoint")
+        assert_clear_error(run(["hf.py", "--save=x"]), "unknown config key")
+        cases = [(dict(save_dir=""), "--save_dir"),
+                 (dict(save_dir=tmp / "full"), "--overwrite=True"),
+                 (dict(save_dir=out, overwrite=True), "is out_dir itself"),
+                 (dict(save_dir=tmp / "full" / "notes.txt", overwrite=True), "not a directory")]
+        for kw, words in cases:
+            msg = expect_die(H.export, **dict(dict(out_dir=out, overwrite=False), **kw))
+            assert msg.startswith("error: ") and msg.count("\n") == 1 and words in msg, (kw, msg)
+        assert (out / "ckpt.pt").read_bytes() == ckpt and not (tmp / "x").exists()
+        assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
+        with redirect_stdout(io.StringIO()):
+            H.export(out, tmp / "full", overwrite=True)
+        assert (tmp / "full" / "notes.txt").read_text() == "mine" and (tmp / "full" / "tokenizer.json").exists()
+        assert T.from_hf(tmp / "full").ranks == T.get_tokenizer("byte").ranks
+        # a fine-tuned checkpoint carries our chat template, and generate() stops at <|end|> too
+        assert "chat_template" in json.loads((tmp / "full" / "tokenizer_config.json").read_text())
+        assert json.loads((tmp / "full" / "generation_config.json").read_text())["eos_token_id"] == [260, 256]
+        assert (out / "ckpt.pt").read_bytes() == ckpt
 
 
 # ----- prepare: prepare.py (-k prepare) -----

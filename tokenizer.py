@@ -1,10 +1,12 @@
 """
 Tokenizers, from scratch: a byte-level BPE trainer, a readable pure-Python encoder, and the fast
-path (tiktoken) behind one interface for three kinds:
+path (tiktoken) behind one interface for four kinds:
   'bpe'  ours, trained here on your text (GPT-4's split pattern)
   'gpt2' OpenAI's GPT-2 ranks, read offline from a local .tiktoken file
   'byte' the 256 bytes, for character-level experiments
-Every kind reserves the same special tokens at the top of its vocabulary: end of text and the chat roles.
+  'hf'   a Hugging Face model's own byte-level BPE tokenizer.json (from_hf; to_hf writes any kind as one)
+Every kind has the same special tokens: end of text and the chat roles (at the top of the vocabulary; an
+'hf' tokenizer keeps its own added tokens, its eos as end of text, and gets the chat roles it lacks).
 
 Train one from the command line (prints bytes per token on held-out text, the last 10% of the file):
 $ python tokenizer.py --input=FILE --vocab_size=4096 --out=DIR
@@ -17,6 +19,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -189,35 +192,39 @@ def ranks_from_merges(merges):
 # encoding, the teaching version: GPT-2's bpe() on bytes, applying merges by rank
 
 
-def bpe_chunk(piece, ranks):
+def bpe_chunk(piece, ranks, max_rank=None):
     """Token ids of one chunk (bytes): start from single bytes and keep merging the adjacent pair whose
-    concatenation has the lowest rank (leftmost on ties), until no adjacent pair is a token."""
-    if piece in ranks:  # a whole chunk that is one token is taken as is, as tiktoken does
+    concatenation has the lowest rank (leftmost on ties), until no adjacent pair is a token.
+    max_rank: use only the tokens of lower rank (merges_from_ranks asks how a token itself is made)."""
+    limit = float("inf") if max_rank is None else max_rank
+    if ranks.get(piece, limit) < limit:  # a whole chunk that is one token is taken as is, as tiktoken does
         return [ranks[piece]]
     parts = [bytes([b]) for b in piece]
     while len(parts) > 1:
-        best_rank, best_i = None, None
+        best_rank, best_i = limit, None
         for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and (best_rank is None or rank < best_rank):
+            rank = ranks.get(parts[i] + parts[i + 1], limit)
+            if rank < best_rank:
                 best_rank, best_i = rank, i
-        if best_rank is None:
+        if best_i is None:
             break
         parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     return [ranks[p] for p in parts]
 
 # -----------------------------------------------------------------------------
-# one interface for the three kinds
+# one interface for the kinds (and 'hf': a Hugging Face byte-level BPE tokenizer.json, see from_hf)
 
 
 class Tokenizer:
-    """kind, pattern, ranks {bytes: id}, special {name: id}, n_vocab, eot_id. Encoding and decoding
-    go through a tiktoken.Encoding built from the ranks; encode_slow is the pure-Python equivalent."""
+    """kind, pattern, ranks {bytes: id}, special {name: id}, n_vocab, eot_id, path (where it was read from,
+    so that spec rebuilds it), nfc (Unicode NFC before encoding, as some HF tokenizers do). Encoding and
+    decoding go through a tiktoken.Encoding built from the ranks; encode_slow is the pure-Python equivalent."""
 
-    def __init__(self, kind, ranks, pattern, special):
+    def __init__(self, kind, ranks, pattern, special, path=None, eot='<|endoftext|>', nfc=False):
         self.kind, self.ranks, self.pattern, self.special = kind, ranks, pattern, dict(special)
+        self.path, self.nfc = path, nfc
         self.n_vocab = max([*ranks.values(), *self.special.values()]) + 1
-        self.eot_id = self.special['<|endoftext|>']
+        self.eot_id = self.special[eot]
         self.enc = tiktoken.Encoding(f"{kind}-{self.n_vocab}", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special)
         self._pat = None  # compiled pattern, for encode_slow
@@ -226,14 +233,24 @@ class Tokenizer:
     def __repr__(self):
         return f"Tokenizer(kind={self.kind!r}, n_vocab={self.n_vocab}, eot_id={self.eot_id})"
 
+    @property
+    def spec(self):
+        """What a checkpoint records to rebuild this tokenizer with from_spec: {'kind', 'path'}."""
+        return {"kind": self.kind, "path": None if self.path is None else str(self.path)}
+
+    def _normalize(self, text):
+        return unicodedata.normalize("NFC", text) if self.nfc else text
+
     def encode(self, text, allowed_special=()):
         """Token ids of text. Special-token text (e.g. '<|endoftext|>' typed in a document) is encoded as
         plain text unless its name is in allowed_special (a set of names, or 'all')."""
-        return self.enc.encode(text, allowed_special=self._allowed(allowed_special), disallowed_special=())
+        return self.enc.encode(self._normalize(text), allowed_special=self._allowed(allowed_special),
+                               disallowed_special=())
 
     def encode_batch(self, texts, num_threads=None, allowed_special=()):
         """encode() of many texts on a pool of threads (tiktoken releases the GIL while encoding)."""
-        return self.enc.encode_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1,
+        return self.enc.encode_batch([self._normalize(t) for t in texts],
+                                     num_threads=num_threads or os.cpu_count() or 1,
                                      allowed_special=self._allowed(allowed_special), disallowed_special=())
 
     def decode_bytes(self, ids):
@@ -250,6 +267,7 @@ class Tokenizer:
         if self._pat is None:
             self._pat = regex.compile(self.pattern)
         ids, cache = [], self._cache
+        text = self._normalize(text)
         pieces = [text]
         if allowed:  # the allowed special tokens cut the text; the pattern chunks what lies between them
             names = sorted(allowed, key=len, reverse=True)
@@ -337,7 +355,7 @@ def load(dir):
     ranks = read_ranks(dir / "tokenizer.tiktoken")
     if set(special.values()) & set(range(len(ranks))):
         die(f"{info_path} is corrupt: special token ids overlap the ranks in tokenizer.tiktoken")
-    return Tokenizer(kind, ranks, pattern, special)
+    return Tokenizer(kind, ranks, pattern, special, path=dir.resolve())
 
 
 def get_tokenizer(kind, path=None, vocab_size=None, text=None, verbose=True):
@@ -347,12 +365,13 @@ def get_tokenizer(kind, path=None, vocab_size=None, text=None, verbose=True):
     'bpe':  load(path) when path holds a saved tokenizer; otherwise train on text at vocab_size (ids
             0..V-6 are bytes and merges, the specials are V-5..V-1) and, if path is given, save it there."""
     if kind == "gpt2":
+        explicit = Path(path).resolve() if path else None  # recorded in spec; the default stays None (portable)
         path = Path(path or DEFAULT_GPT2_RANKS)
         if not path.is_file():
             die(f"GPT-2 ranks file {path} not found: put OpenAI's gpt2 (r50k_base) .tiktoken file there "
                 f"or pass its path")
         ranks = read_ranks(path)
-        return Tokenizer("gpt2", ranks, GPT2_PATTERN, specials_after(len(ranks)))
+        return Tokenizer("gpt2", ranks, GPT2_PATTERN, specials_after(len(ranks)), path=explicit)
     if kind == "byte":
         return Tokenizer("byte", {bytes([i]): i for i in range(256)}, GPT4_PATTERN, specials_after(256))
     if kind != "bpe":
@@ -368,9 +387,13 @@ def get_tokenizer(kind, path=None, vocab_size=None, text=None, verbose=True):
     return tok
 
 def from_spec(spec):
-    """The tokenizer a checkpoint or meta.json names: {'kind', 'path'}."""
+    """The tokenizer a checkpoint or meta.json names: {'kind', 'path'} (Tokenizer.spec)."""
     if spec["kind"] == "bpe":
         return load(spec["path"])
+    if spec["kind"] == "hf":
+        if not spec.get("path"):
+            die("the checkpoint names a Hugging Face tokenizer without its directory (tokenizer spec path is None)")
+        return from_hf(spec["path"])
     return get_tokenizer(spec["kind"], spec.get("path"))
 
 # -----------------------------------------------------------------------------
@@ -400,6 +423,190 @@ def render_chat(tok, messages, add_generation_prompt=False):
         ids.append(tok.special['<|assistant|>'])
         mask.append(0)
     return ids, mask
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer.json (byte-level BPE): read into a Tokenizer, and written from one
+
+# Our two patterns as HF tokenizers' regex engine (Oniguruma) must read them to split text the same way:
+# it reads \p{N}{1,3}+ as "one or more runs of 1-3 digits" (tiktoken: possessive), so GPT-4's is written
+# with a plain {1,3}, which matches the same at that place. (Llama 3's tokenizer.json has cl100k's older
+# regex, which cuts a whitespace run at the very end of the text after its last newline: not the same.)
+# GPT-2's is HF's own GPT-2 regex. A pattern read from a tokenizer.json is written back as it is.
+HF_PATTERNS = {
+    GPT4_PATTERN: GPT4_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}"),
+    GPT2_PATTERN: r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+}
+
+
+def byte_alphabet():
+    """{byte: character}: GPT-2's printable stand-in for each byte, the alphabet byte-level BPE vocabularies
+    are written in (HF's bytes_to_unicode). Printable Latin-1 bytes stand for themselves, the other 68
+    (space, control characters...) for U+0100 onwards, so a token such as b' the' is written 'Ġthe'."""
+    printable = {*range(0x21, 0x7f), *range(0xa1, 0xad), *range(0xae, 0x100)}
+    shifted = iter(range(0x100, 0x200))
+    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+
+
+def merges_from_ranks(ranks):
+    """[(left bytes, right bytes)]: the merge that makes each token, in rank order. It is the two parts that
+    tiktoken's BPE leaves in the token's own bytes when it may use only lower ranks, so HF's BPE, applying
+    these merges in order, makes what tiktoken makes. A token left in more than two parts has no merge: it is
+    only ever a whole chunk (HF's ignore_merges takes such a chunk as is, as tiktoken does)."""
+    by_id = {i: b for b, i in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            parts = bpe_chunk(token, ranks, max_rank=rank)
+            if len(parts) == 2:
+                merges.append((by_id[parts[0]], by_id[parts[1]]))
+    return merges
+
+
+def from_hf(dir):
+    """The Tokenizer (kind 'hf') of a Hugging Face directory whose tokenizer.json is a byte-level BPE (GPT-2,
+    Llama 3, Qwen2, Mistral-Nemo style), encoding at tiktoken's speed: each vocabulary entry, mapped back to
+    bytes, has its id as rank; the split regex is the Split pre-tokenizer's (or GPT-2's for ByteLevel's own);
+    the added tokens are the special tokens; end of text is tokenizer_config.json's eos_token. Chat tokens
+    it lacks (<|system|>, <|user|>, <|assistant|>, <|end|>) get the ids after all of its own, as for GPT-2:
+    fine-tuning gives them rows. Any other tokenizer stops with one line saying what it is."""
+    dir = Path(dir).resolve()
+    path = dir / "tokenizer.json"
+
+    def unsupported(what):
+        die(f"{path}: {what}; only byte-level BPE tokenizers are supported (GPT-2, Llama 3, Qwen2 style: "
+            f"model BPE, pre-tokenizer ByteLevel, possibly after a Split regex)")
+
+    if not path.is_file():
+        die(f"{path} not found: expected a Hugging Face tokenizer.json beside the model")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        model, pre, norm = info["model"], info.get("pre_tokenizer") or {}, info.get("normalizer")
+        pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre] if pre else []
+        types = [p.get("type") for p in pres]
+        if model.get("type") != "BPE":
+            unsupported(f"it is a {model.get('type')} tokenizer")
+        if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            unsupported("it is a SentencePiece-style BPE (byte_fallback or word prefix/suffix)")
+        if types not in (["ByteLevel"], ["Split", "ByteLevel"]):
+            unsupported(f"its pre-tokenizer is {' + '.join(map(str, types)) or 'missing'}")
+        byte_level = pres[-1]
+        if byte_level.get("add_prefix_space"):
+            unsupported("its ByteLevel pre-tokenizer adds a prefix space (add_prefix_space=true)")
+        if types[0] == "Split":  # Llama 3 style: the Split regex cuts the text, ByteLevel only maps bytes
+            split = pres[0]
+            if "Regex" not in split["pattern"] or split.get("behavior") != "Isolated" or split.get("invert") \
+                    or byte_level.get("use_regex", True):
+                unsupported("its Split pre-tokenizer is not an isolating regex before ByteLevel(use_regex=false)")
+            pattern = split["pattern"]["Regex"]
+        elif byte_level.get("use_regex", True):  # GPT-2 style: ByteLevel splits with GPT-2's regex
+            pattern = GPT2_PATTERN
+        else:
+            unsupported("it has no regex to split the text into chunks")
+        if norm not in (None, {"type": "NFC"}):
+            unsupported(f"its normalizer is {norm.get('type')}")
+        if (info.get("decoder") or {"type": "ByteLevel"})["type"] != "ByteLevel":
+            unsupported(f"its decoder is {info['decoder']['type']}")
+        special = {t["content"]: t["id"] for t in info.get("added_tokens", [])}
+        vocab, merges = model["vocab"], model["merges"]
+        to_byte = {c: b for b, c in byte_alphabet().items()}
+        ranks, special_ids = {}, set(special.values())
+        for text, i in vocab.items():
+            if i in special_ids:  # e.g. GPT-2's '<|endoftext|>' is in both: a special token here
+                continue
+            if any(c not in to_byte for c in text):
+                unsupported(f"vocabulary entry {text!r} is not in the byte-level alphabet")
+            ranks[bytes(to_byte[c] for c in text)] = i
+        if not all(bytes([b]) in ranks for b in range(256)):
+            unsupported("its vocabulary lacks some of the 256 bytes")
+        # tiktoken merges the adjacent pair whose token has the lowest rank (= id), HF the pair listed first:
+        # the same order only when the tokens the merges make have ids in merge order
+        last = -1
+        for k, m in enumerate(merges):
+            a, b = m.split(" ") if isinstance(m, str) else m
+            made = vocab[a + b]
+            if made < last:
+                die(f"{path}: merge {k} ({a!r} {b!r}) makes token id {made}, below the {last} of an earlier merge: "
+                    f"tiktoken needs token ids in merge order, as HF's trainer and tiktoken conversions give them")
+            last = made
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        die(f"{path} is corrupt ({type(e).__name__}: {e}); download or save the tokenizer again")
+    missing = [name for name in SPECIAL_TOKENS[1:] if name not in special]  # the chat tokens
+    n = max([*ranks.values(), *special.values()]) + 1  # after every id of the HF tokenizer
+    special.update((name, n + k) for k, name in enumerate(missing))
+    eos = _read_eos(dir)
+    eot = eos if eos in special else "<|endoftext|>"
+    if eot not in special:
+        die(f"{dir}: no end-of-text token: tokenizer_config.json's eos_token {eos!r} is not one of "
+            f"tokenizer.json's added tokens")
+    try:
+        return Tokenizer("hf", ranks, pattern, special, path=dir, eot=eot, nfc=norm is not None)
+    except ValueError as e:  # the split regex is beyond tiktoken's regex engine
+        die(f"{path}: tiktoken cannot use its split regex {pattern!r} ({e})")
+
+
+def _read_eos(dir):
+    """The eos_token named in dir/tokenizer_config.json (a string or an AddedToken dict), or None."""
+    try:
+        eos = json.loads((dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        die(f"{dir / 'tokenizer_config.json'} is corrupt ({type(e).__name__}: {e})")
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def chat_template(tok):
+    """render_chat's template as Jinja, for HF's chat_template, after the end-of-text token that
+    chat_data.chat_ids puts first: apply_chat_template then gives our ids exactly."""
+    eot = next(name for name, i in tok.special.items() if i == tok.eot_id)
+    return ("{{- '" + eot + "' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in " + str(list(ROLES)) + " -%}"
+            "{{- raise_exception('message roles are " + ", ".join(ROLES) + "') -}}{%- endif -%}"
+            "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}")
+
+
+def to_hf(tok, dir, chat=False, n_rows=None):
+    """Write tok into dir as a Hugging Face tokenizer (AutoTokenizer loads it and gives our ids):
+    tokenizer.json, a byte-level BPE (vocab in byte_alphabet, merges_from_ranks, our split regex in HF's
+    syntax, the special tokens) and tokenizer_config.json (bos and eos: our end of text; with chat, the
+    chat_template). n_rows: leave out the special tokens at or above it (a model without their rows)."""
+    alphabet = byte_alphabet()
+
+    def text(b):
+        return "".join(alphabet[x] for x in b)
+
+    special = sorted((i, name) for name, i in tok.special.items() if n_rows is None or i < n_rows)
+    eot = next(name for name, i in tok.special.items() if i == tok.eot_id)
+    info = {
+        "version": "1.0", "truncation": None, "padding": None,
+        # matched exactly as written (not normalized, no space stripped around them), as our allowed_special
+        "added_tokens": [dict(id=i, content=name, single_word=False, lstrip=False, rstrip=False,
+                              normalized=False, special=True) for i, name in special],
+        "normalizer": {"type": "NFC"} if tok.nfc else None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": HF_PATTERNS.get(tok.pattern, tok.pattern)},
+             "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,  # no BOS added: our documents and chats start with end of text explicitly
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,  # a chunk that is a whole token is that token, as in tiktoken
+                  "vocab": {text(b): i for b, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])},
+                  "merges": [f"{text(a)} {text(b)}" for a, b in merges_from_ranks(tok.ranks)]},
+    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
+              "clean_up_tokenization_spaces": False}  # decode gives the bytes back, no space clean-up
+    if chat:
+        config["chat_template"] = chat_template(tok)
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    for name, obj in (("tokenizer.json", info), ("tokenizer_config.json", config)):
+        with atomic_path(dir / name) as tmp:
+            tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 # -----------------------------------------------------------------------------
 # command line: train, save, report bytes per token on held-out text
