@@ -5,6 +5,8 @@ ratio. Not a test: nothing here asserts wall time.
 
     python bench.py                  # everything (about 15 minutes on a 2-core CPU)
     python bench.py decode train     # only the benchmarks whose name contains one of these words
+    python bench.py gpu              # the GPU smoke run (GPT-2 124M bf16 compiled, kill + resume, sample, eval,
+                                     # SFT, DPO) with tokens/s, MFU, peak memory and flash attention; skips on CPU
 """
 import contextlib
 import io
@@ -98,9 +100,33 @@ def _decode_row(name, config, new_tokens, recompute_tokens, hf_class):
     return row
 
 
+def _batched_row(config, new_tokens, batch=8):
+    """Greedy decoding of `batch` prompts of different lengths (8..64 tokens): one left-padded, masked
+    generate() call against the same prompts one at a time (batch 1, the mask-free path)."""
+    torch.manual_seed(0)
+    model = M.GPT(config).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (int(n),), generator=g).tolist() for n in torch.linspace(8, 64, batch)]
+    one = lambda p: torch.stack(list(model.generate(torch.tensor([p]), new_tokens, temperature=0)), 1)[0].tolist()
+    together = lambda: torch.stack(list(model.generate(prompts, new_tokens, temperature=0)), 1).tolist()
+    list(model.generate(prompts, 5, temperature=0)), list(model.generate(torch.tensor([prompts[0]]), 5, temperature=0))  # warm-up
+    t0 = time.perf_counter()
+    alone = [one(p) for p in prompts]
+    t_alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batched = together()
+    t_batched = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(alone, batched))  # fp32: a near-tie may flip a greedy pick
+    n = batch * new_tokens
+    print(f"batch of {batch} ragged prompts (8-64 tokens), {new_tokens} new each, {config.n_layer}L {config.n_embd}w: "
+          f"{batch} x batch-1 {n / t_alone:.1f} tok/s, batch-{batch} {n / t_batched:.1f} tok/s "
+          f"({t_alone / t_batched:.1f}x); rows with the same tokens as alone: {same}/{batch}")
+
+
 def bench_decode():
     """Batch-1 greedy decoding on CPU: our KV cache vs recomputing the context (nanoGPT's loop) vs
-    transformers' generate() on the same weights (save_hf -> GPT2LMHeadModel.from_pretrained)."""
+    transformers' generate() on the same weights (save_hf -> GPT2LMHeadModel.from_pretrained); then a
+    ragged batch of 8 prompts (left padding and a mask) against the same prompts one at a time."""
     try:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -127,6 +153,7 @@ def bench_decode():
         print(f"{r['model']:34} {r['kv']:9.1f} {fmt(r['recompute'], '9.1f'):>9} {fmt(r['hf'], '8.1f'):>8} "
               f"{fmt(ratio_rec, '9.1f') + 'x' if ratio_rec else '-':>10} {fmt(ratio_hf, '5.2f') + 'x' if ratio_hf else '-':>6} "
               f"{tgt + f'>={t_hf}x':>12} {r['floor']:12.1f} {r['read_floor']:10.1f} {str(r.get('same_tokens', '-')):>17}")
+    _batched_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 100)
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +448,98 @@ def bench_eval_lm_throughput():
 
 # -----------------------------------------------------------------------------
 
-BENCHES = [bench_decode, bench_bpe_train, bench_encode, bench_prepare, bench_train, bench_eval_batched_scoring, bench_eval_lm_throughput]
+# -----------------------------------------------------------------------------
+# gpu: the CUDA paths end to end, for the first session lent a GPU (skips without one)
+
+
+def flash_attention_available(dtype=torch.bfloat16):
+    """Whether SDPA's flash kernel takes GPT-2's attention shape in this dtype (asked once, at start-up)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(1, 12, 1024, 64, device="cuda", dtype=dtype)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return True
+    except RuntimeError:
+        return False
+
+
+def bench_gpu():
+    """GPU smoke run (< 5 min on one GPU): GPT-2 124M at T=1024, bf16, compiled; SIGKILL and resume; sample; eval;
+    SFT and DPO for a few steps. Prints tokens/s, MFU, peak memory and whether flash attention runs."""
+    if not torch.cuda.is_available():
+        print("gpu: skipped: CUDA is not available on this machine (run `python bench.py gpu` where it is)")
+        return
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 native: "
+          f"{torch.cuda.is_bf16_supported(including_emulation=False)}, flash attention: {flash_attention_available()}")
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        # pydocs with the byte tokenizer: made offline from this Python's own docs (no download, no shared data)
+        smoke(Path(tmp), ["--dataset=pydocs", "--tokenizer=byte"], [], GPT2_124M + ["--batch_size=16",
+              "--total_batch_size=65536", "--dtype=bfloat16", "--compile=True"])
+
+
+GPT2_124M = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--n_kv_head=None", "--block_size=1024", "--norm=layernorm",
+             "--pos=learned", "--mlp=gelu", "--bias=True"]
+
+
+def smoke(tmp, data, chat_data, train_args, steps=30):
+    """train.py for `steps` steps, SIGKILLed after the step-20 checkpoint and resumed; then sample.py, eval.py,
+    finetune.py and dpo.py from its checkpoint, a few steps each. Returns the train metrics. (test_all runs this
+    on the CPU with a tiny model, so the GPU run does not meet its bugs first.)"""
+    import signal
+    out, sft, dpo = tmp / "out", tmp / "out-sft", tmp / "out-dpo"
+    root = [f"--data_root={tmp / 'data'}"]
+    t0 = time.time()
+    cmd = [sys.executable, "train.py", *root, *data, *train_args, f"--out_dir={out}", f"--max_iters={steps}",
+           "--eval_interval=10", "--eval_iters=4", "--log_interval=5", "--learning_rate=6e-4", "--warmup_iters=5",
+           "--sample_at_end=False"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # killed once the step-20 checkpoint is written and a step after it has run
+        seen.append(line)
+        if line.startswith("step 25/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    if not (out / "ckpt.pt").exists():
+        raise RuntimeError("".join(seen)[-3000:])
+    first = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    p = subprocess.run([*cmd, "--init_from=resume"], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stdout[-2000:] + p.stderr[-2000:])
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    logs = [r for r in recs if r.get("tok_per_sec")]
+    evals = [r for r in recs if "val_loss" in r]
+    mfu, mem = max(r.get("mfu") or 0 for r in logs), max(r.get("peak_mem_gib") or 0 for r in logs)
+    print(f"train: {max(r['tok_per_sec'] for r in logs) / 1e3:.1f}k tok/s, MFU {100 * mfu:.1f}%, peak memory "
+          f"{mem:.1f} GiB; {time.time() - t0:.0f}s with the kill and the resume")
+    before = [r for r in first if "loss" in r]
+    after = [r for r in recs[len(first):] if "loss" in r]
+    print(f"loss: {before[0]['loss']:.3f} (step {before[0]['step']}) ... {before[-1]['loss']:.3f} (step "
+          f"{before[-1]['step']}) | killed, resumed at step 20 | {after[0]['loss']:.3f} (step {after[0]['step']}) ... "
+          f"{after[-1]['loss']:.3f} (step {after[-1]['step']}); val loss {evals[0]['val_loss']:.3f} -> "
+          f"{evals[-1]['val_loss']:.3f}")
+
+    def run(what, args):
+        t = time.time()
+        p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"{what}: {p.stdout[-1500:]}{p.stderr[-1500:]}")
+        tail = [l for l in (p.stdout or p.stderr).splitlines() if l.strip() and not l.startswith("-")]
+        print(f"{what} ({time.time() - t:.0f}s): {tail[-1][:200] if tail else ''}")
+
+    run("sample", ["sample.py", f"--out_dir={out}", "--max_new_tokens=100", "--num_samples=4", "--start=def "])
+    dataset = next(a.split("=", 1)[1] for a in data if a.startswith("--dataset="))
+    run("eval", ["eval.py", f"--out_dir={out}", "--tasks=lm", f"--lm_data={dataset}", "--lm_max_tokens=20000", *root])
+    run("sft", ["finetune.py", f"--init_from={out}", f"--out_dir={sft}", *root, *chat_data[:1], "--max_iters=10",
+                "--eval_interval=10", "--eval_examples=32", "--batch_size=8"])
+    run("dpo", ["dpo.py", f"--init_from={sft}", f"--out_dir={dpo}", *root, *chat_data[1:], "--max_iters=10",
+                "--eval_interval=10", "--max_pairs=80", "--eval_pairs=16", "--batch_size=4"])
+    print(f"smoke run done in {time.time() - t0:.0f}s")
+    return recs, first
+
+
+BENCHES = [bench_decode, bench_bpe_train, bench_encode, bench_prepare, bench_train, bench_eval_batched_scoring, bench_eval_lm_throughput, bench_gpu]
 
 if __name__ == "__main__":
     os.chdir(ROOT)

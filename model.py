@@ -57,12 +57,25 @@ PRESETS = {
 
 # dense bf16 tensor-core peaks (FLOP/s) for MFU; the first name contained in the device name wins,
 # so more specific names come first. GPUs without bf16 list their fp16 peak.
-GPU_PEAK_FLOPS = [('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12),
-                  ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12),
-                  ('L4', 121e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12),
-                  ('T4', 65e12)]
+GPU_PEAK_FLOPS = [('H200 NVL', 835e12), ('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12),
+                  ('H100', 989e12), ('H800', 989e12), ('GB200', 2500e12), ('B200', 2250e12), ('A100', 312e12),
+                  ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('RTX 4090', 165e12),
+                  ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12)]
+
+
+def peak_flops(device_name):
+    """The GPU_PEAK_FLOPS entry of a CUDA device name: the first key it contains (most specific first)."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in device_name), None)
+
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split('.')[:2]) >= (2, 5)  # sdpa's enable_gqa
+
+
+def sdpa_gqa(device_type, dtype):
+    """Whether SDPA should share kv heads itself (enable_gqa) rather than get K/V repeated per query head.
+    On CUDA only the flash kernel (fp16/bf16) serves enable_gqa: fp32 would fall back to the slow math
+    path. On CPU enable_gqa is ~8% faster than repeat_interleave (training shapes, torch 2.13)."""
+    return _SDPA_GQA and (device_type != 'cuda' or dtype in (torch.float16, torch.bfloat16))
 
 
 class Norm(nn.Module):
@@ -81,7 +94,8 @@ class Norm(nn.Module):
 
 
 def rope_tables(head_dim, length, theta):
-    """cos and signed sin, each (length, 1, head_dim), for apply_rope at positions 0..length-1."""
+    """cos and signed sin, each (length, 1, head_dim), for apply_rope at positions 0..length-1
+    (fp32; attention casts them to q's dtype so that bf16 autocast doesn't upcast q and k)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)[:, None, :]
     cos, sin = angles.cos(), angles.sin()
@@ -121,13 +135,14 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope=None, cache=None, pos=0):
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None):
+        """mask: None (causal) or boolean (B, 1, T, keys), True = attend; generate() passes it for left padding."""
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)
         if rope is not None:  # q and k are adjacent in qkv: rotate both with one call
             qk, v = qkv.split([nh + nkv, nkv], dim=2)
-            q, k = apply_rope(qk, *rope).split([nh, nkv], dim=2)
+            q, k = apply_rope(qk, rope[0].to(qk.dtype), rope[1].to(qk.dtype)).split([nh, nkv], dim=2)
         else:
             q, k, v = qkv.split([nh, nkv, nkv], dim=2)  # split, not slicing: its backward is one cat
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -136,20 +151,18 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, pos:pos + T] = k
             v_cache[:, :, pos:pos + T] = v
             if T == 1:
-                # decode: one new query attends to every cached position, so no mask at all; the
-                # query heads sharing a kv head become that head's "queries" (GQA without repeating K/V)
+                # decode: one new query attends to every cached position (no mask unless some are padding);
+                # the query heads sharing a kv head become that head's "queries" (GQA without repeating K/V)
                 q = q.reshape(B, nkv, nh // nkv, hd)
-                y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1])
+                y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1], attn_mask=mask)
                 return self.c_proj(y.view(B, 1, C))
             assert pos == 0, "prefill starts at position 0 (so the causal mask is the plain one)"
         dropout = self.dropout if self.training else 0.0
-        if nkv == nh:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif _SDPA_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
-        else:  # older torch: materialise the repeated heads
+        gqa = nkv != nh and sdpa_gqa(q.device.type, q.dtype)
+        if nkv != nh and not gqa:  # materialise the repeated heads (older torch, fp32 on CUDA)
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                           **({'enable_gqa': True} if gqa else {}))
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return F.dropout(y, dropout, True) if dropout else y
 
@@ -184,8 +197,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -231,20 +244,20 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         return n
 
-    def flops_per_token(self):
-        """Training FLOPs (forward + backward) per token at full context, as in the PaLM paper (appendix B)."""
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs (forward + backward) per token at context seq_len (default: the model's), as in the
+        PaLM paper (appendix B): attention's share grows with the context actually trained on."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
-    def estimate_mfu(self, tokens_per_sec, device=None):
-        """Model FLOPs utilisation against the peak of the GPU in use (per-GPU tokens/s);
+    def estimate_mfu(self, tokens_per_sec, device=None, seq_len=None):
+        """Model FLOPs utilisation against the peak of the GPU in use (per-GPU tokens/s, sequences of seq_len);
         None on CPU or an unknown GPU."""
         device = torch.device(device) if device is not None else self.lm_head.weight.device
         if device.type != 'cuda':
             return None
-        name = torch.cuda.get_device_name(device)
-        peak = next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
-        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norm gains."""
@@ -289,20 +302,28 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _run(self, idx, cache=None, pos=0, last_only=False):
+    def _run(self, idx, cache=None, pos=0, last_only=False, pad=None):
+        """idx (B, T): the tokens at columns pos..pos+T-1 (of the cache, when there is one). pad (B,) or None:
+        row b is left-padded, its tokens start at column pad[b] with position 0, and the mask hides the pad
+        columns from every query (a pad query sees itself: some SDPA backends make an all-masked row NaN)."""
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
-        rope = None
+        where, mask, rope = slice(pos, pos + T), None, None
+        if pad is not None:
+            cols = torch.arange(pos + T, device=idx.device)  # key columns; the queries are cols[pos:]
+            qc = cols[pos:, None]
+            where = (qc.T - pad[:, None]).clamp(min=0)  # (B, T) positions
+            mask = ((cols <= qc) & ((cols >= pad[:, None, None]) | (cols == qc)))[:, None]  # (B, 1, T, pos + T)
         if self.config.pos == 'learned':
-            x = x + self.transformer.wpe.weight[pos:pos + T]
-        else:
-            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+            x = x + self.transformer.wpe.weight[where]
+        else:  # (T, 1, hd), or (B, T, 1, hd) per row
+            rope = (self.rope_cos[where], self.rope_sin[where])
         if self.config.dropout and self.training:
             x = F.dropout(x, self.config.dropout, True)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache[i] if cache is not None else None, pos)
+            x = block(x, rope, cache[i] if cache is not None else None, pos, mask)
         if last_only:  # generation only needs the next-token logits: skip the rest of the lm_head
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
@@ -311,12 +332,25 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), seed=None,
                  num_samples=1, use_cache=True):
         """Yield the next token of every row, a LongTensor (B*num_samples,), once per step (streaming).
-        idx (B, T) prompts; row b*num_samples+s is sample s of prompt b. temperature 0 = greedy.
+        idx: (B, T) prompts, or a list of B prompts (lists of ids) of any lengths: those are left-padded,
+        every row keeps positions 0..len-1 and a mask hides the padding, so each row gets exactly what
+        it would get alone. Row b*num_samples+s is sample s of prompt b. temperature 0 = greedy.
         A row that produced a stop token yields -1 afterwards; the generator ends when all rows have
         stopped or after max_new_tokens. The model sees at most the last block_size tokens: with the
         KV cache the prompt is prefilled once (shared by the samples) and then one token costs one
         position; once the context outgrows block_size the window slides and every step recomputes it,
         exactly like use_cache=False."""
+        pad = None
+        if isinstance(idx, (list, tuple)):
+            rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in idx]
+            if not rows or min(map(len, rows)) == 0:
+                raise ValueError("generate needs non-empty prompts")
+            lens = torch.tensor([len(r) for r in rows])
+            idx = torch.zeros(len(rows), int(lens.max()), dtype=torch.long, device=self.lm_head.weight.device)
+            for b, r in enumerate(rows):
+                idx[b, idx.size(1) - len(r):] = r
+            if (lens != lens.max()).any():  # equal lengths take the mask-free path
+                pad = (lens.max() - lens).to(idx.device)
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("generate needs a non-empty (B, T) prompt")
         was_training = self.training
@@ -325,7 +359,7 @@ class GPT(nn.Module):
         try:
             self.decode_weights(cpu)
             yield from self._generate(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed,
-                                      num_samples, use_cache)
+                                      num_samples, use_cache, pad)
         finally:
             self.decode_weights(False)
             self.train(was_training)
@@ -345,7 +379,7 @@ class GPT(nn.Module):
                     bufs[name] = torch.empty_like(wt, memory_format=torch.contiguous_format)
                 m.weight_t = bufs[name].copy_(wt)
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, num_samples, use_cache):
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, num_samples, use_cache, pad):
         B0, T0 = idx.shape
         B, bs, dev = B0 * num_samples, self.config.block_size, idx.device
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
@@ -354,6 +388,7 @@ class GPT(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=dev)  # prompt + generated tokens
             seq[:, :T0] = idx.repeat_interleave(num_samples, dim=0)
+            pads = pad.repeat_interleave(num_samples) if pad is not None else None
         cache, n = None, T0  # n = tokens in seq; the cache (when used) holds seq[:, :n-1]
         for _ in range(max_new_tokens):
             with torch.inference_mode():
@@ -365,14 +400,16 @@ class GPT(nn.Module):
                     dtype = torch.get_autocast_dtype(dev.type) if autocast else self.lm_head.weight.dtype
                     cache = [(torch.empty(shape, device=dev, dtype=dtype), torch.empty(shape, device=dev, dtype=dtype))
                              for _ in range(c.n_layer)]
-                    logits = self._run(idx, cache, pos=0, last_only=True)
+                    logits = self._run(idx, cache, pos=0, last_only=True, pad=pad)
                     if num_samples > 1:
                         cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
                         logits = logits.repeat_interleave(num_samples, 0)
                 elif use_cache and n <= bs:
-                    logits = self._run(seq[:, n - 1:n], cache, pos=n - 1)
+                    logits = self._run(seq[:, n - 1:n], cache, pos=n - 1, pad=pads)
                 else:  # no cache, or the window slides: recompute the last block_size tokens
-                    logits = self._run(seq[:, max(0, n - bs):n], last_only=True)
+                    start = max(0, n - bs)  # a padded row's positions restart at its first column in the window
+                    wpad = None if pads is None else (pads - start).clamp(min=0)
+                    logits = self._run(seq[:, start:n], last_only=True, pad=wpad)
                 nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
                 seq[:, n] = nxt
                 n += 1
@@ -385,8 +422,10 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits (B, V): greedy when temperature is 0, else sample from the
-    top_k most likely, then from the smallest set whose probability reaches top_p."""
+    """Pick one token per row of logits (B, V): greedy when temperature is 0, else sample softmax(logits /
+    temperature) cut to the top_k most likely, then to the smallest set whose probability reaches top_p:
+    transformers' order (temperature, top_k, top_p) and its TopPLogitsWarper rule (HF's top_k also keeps
+    ties with the k-th logit; torch.topk keeps exactly k)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     ids = None
@@ -396,6 +435,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits, ids = logits.sort(dim=-1, descending=True)
     probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
-        probs[probs.cumsum(dim=-1) - probs > top_p] = 0.0  # the top token always stays
+        # drop a token when it and every less likely one hold <= 1 - top_p (the mass before it is >= top_p),
+        # summed from the least likely up as HF does, so that a boundary case is cut the same way
+        tail = probs.flip(-1).cumsum(dim=-1).flip(-1)
+        probs[..., 1:][tail[..., 1:] <= 1 - top_p] = 0.0  # the top token always stays
     choice = torch.multinomial(probs, 1, generator=generator)
     return (ids.gather(-1, choice) if ids is not None else choice).squeeze(-1)

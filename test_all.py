@@ -1043,6 +1043,275 @@ def test_model_training_gqa_and_dropout():
         assert losses[-1] < 0.5 * losses[0], losses
 
 
+# ----- model: ragged batched generation -----
+
+
+RAGGED = [1, 7, 23, 40]  # prompt lengths of one batch
+
+
+def ragged_prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (n,), generator=g).tolist() for n in RAGGED]
+
+
+@one_thread
+def test_model_generate_ragged_batch_equals_alone():
+    """Left-padded prompts of different lengths give, greedily, exactly the tokens each gives alone: GPT-2 style
+    (learned positions) and Llama style (RoPE, GQA), with and without the KV cache, and when the window slides."""
+    prompts = ragged_prompts()
+    for style in (dict(), LLAMA):
+        for block_size in (64, 32):  # 64: everything fits; 32: the 40-token prompt starts beyond it, 23 + 20 slides mid-way
+            model = tiny(block_size=block_size, **style).double()  # float64: "equal" means the algorithm
+            alone = [greedy_reference(model, torch.tensor([p]), 20)[0].tolist() for p in prompts]
+            for use_cache in (True, False):
+                got = generated(model, prompts, 20, temperature=0, use_cache=use_cache).tolist()
+                for r in range(len(prompts)):
+                    assert got[r] == alone[r], (style, block_size, use_cache, RAGGED[r], got[r], alone[r])
+        assert len({tuple(a) for a in alone}) == len(alone)  # the rows differ: a mixed-up row would show
+        # samples share their prompt's padded prefill; greedy, each sample is the prompt's own continuation
+        many = generated(model, prompts, 8, temperature=0, num_samples=2).tolist()
+        assert many == [a[:8] for a in alone for _ in range(2)]
+        # equal lengths as a list take the mask-free path: the same as the (B, T) tensor
+        same, real, masks = [p[:7] for p in prompts[1:]], F.scaled_dot_product_attention, []
+        with mock.patch.object(M.F, 'scaled_dot_product_attention', lambda *a, **kw: masks.append(kw.get('attn_mask')) or real(*a, **kw)):
+            as_list = generated(model, same, 10, temperature=0).tolist()
+        assert as_list == generated(model, torch.tensor(same), 10, temperature=0).tolist()
+        assert len(masks) == 10 * model.config.n_layer and all(m is None for m in masks)
+        # per-row stopping still works in a ragged batch: row 2 stops at its own first stop token
+        stop = alone[2][4]
+        steps = generated(model, prompts, 20, temperature=0, stop_tokens=(stop,)).tolist()
+        end = alone[2].index(stop)
+        assert steps[2][:end + 1] == alone[2][:end + 1] and all(t == -1 for t in steps[2][end + 1:])
+    for bad in ([], [[1, 2], []]):
+        try:
+            next(tiny().generate(bad, 3))
+        except ValueError:
+            continue
+        raise AssertionError(f"no ValueError for prompts {bad}")
+
+
+@one_thread
+def test_model_padded_forward_logits_match_unpadded():
+    """_run with left padding: every real position's logits equal the row's own unpadded forward (fp32 tolerance),
+    in prefill and through cached decode steps."""
+    prompts = ragged_prompts(1)
+    for style in (dict(), LLAMA):
+        model = tiny(block_size=64, **style)
+        c, T = model.config, max(RAGGED)
+        idx = torch.zeros(len(prompts), T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            idx[b, T - len(p):] = torch.tensor(p)
+        pad = torch.tensor([T - len(p) for p in prompts])
+        cache = [(torch.zeros(4, c.n_kv_head, T, c.n_embd // c.n_head), torch.zeros(4, c.n_kv_head, T, c.n_embd // c.n_head))
+                 for _ in range(c.n_layer)]
+        real, masks = F.scaled_dot_product_attention, []
+
+        def spy(q, k, v, attn_mask=None, **kw):
+            masks.append(attn_mask)
+            return real(q, k, v, attn_mask=attn_mask, **kw)
+        with torch.no_grad(), mock.patch.object(M.F, 'scaled_dot_product_attention', spy):
+            pre = model._run(idx[:, :30], cache, pos=0, pad=pad)
+            steps = torch.cat([pre] + [model._run(idx[:, t:t + 1], cache, pos=t, pad=pad) for t in range(30, T)], dim=1)
+            full = model._run(idx, pad=pad)
+        # no query row is all masked (CPU's SDPA returns 0 for one, but some backends NaN, which would leak)
+        assert len(masks) == c.n_layer * (2 + T - 30) and all(m is not None and m.any(-1).all() for m in masks)
+        with torch.no_grad():
+            for b, p in enumerate(prompts):
+                ref = model(torch.tensor([p]))[0][0]
+                assert (full[b, T - len(p):] - ref).abs().max() < 1e-4, (style, b)
+                assert (steps[b, T - len(p):] - ref).abs().max() < 1e-4, (style, b)
+
+
+# ----- model: sampler -----
+
+
+PROBS = [0.125, 0.5, 0.03125, 0.25, 0.09375]  # exact in float: softmax(log(PROBS)) gives them back bit for bit
+# top_p -> the tokens HF keeps: the smallest set (most likely first) whose mass reaches top_p; 0.5, 0.75, 0.875
+# are the boundary cases where a prefix's mass equals top_p exactly
+TOP_P_KEPT = {0.5: {1}, 0.6: {1, 3}, 0.75: {1, 3}, 0.875: {1, 3, 0}, 0.9: {1, 3, 0, 4}}
+
+
+def draws(logits, n=20000, seed=0, **kw):
+    """n draws of sample_next from one row of logits, as a (V,) frequency vector."""
+    g = torch.Generator().manual_seed(seed)
+    picks = M.sample_next(logits.expand(n, -1), kw.pop('temperature', 1.0), generator=g, **kw)
+    return torch.bincount(picks, minlength=logits.numel()).double() / n
+
+
+def hf_warped(logits, temperature=1.0, top_k=None, top_p=None):
+    """transformers' own warpers in generate()'s order (temperature, top_k, top_p) -> the probabilities it samples."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    scores = logits[None].clone()
+    for w in ([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+              + ([TopPLogitsWarper(top_p)] if top_p else [])):
+        scores = w(None, scores)
+    return scores[0].softmax(-1).double()
+
+
+@one_thread
+def test_model_sample_top_p_keeps_hf_set():
+    logits = torch.tensor(PROBS).log()
+    assert torch.equal(logits.softmax(-1), torch.tensor(PROBS))
+    have_hf = True
+    try:
+        need_transformers()
+    except unittest.SkipTest:
+        have_hf = False
+    for top_p, kept in TOP_P_KEPT.items():
+        freq = draws(logits, top_p=top_p)
+        assert set(freq.nonzero().flatten().tolist()) == kept, (top_p, freq)  # every kept token drawn, no other
+        want = torch.tensor([PROBS[i] if i in kept else 0.0 for i in range(len(PROBS))], dtype=torch.float64)
+        assert (freq - want / want.sum()).abs().max() < 0.015, (top_p, freq)
+        if have_hf:
+            hf = hf_warped(logits, top_p=top_p)
+            assert set(hf.nonzero().flatten().tolist()) == kept, (top_p, hf)
+    if have_hf:  # the whole pipeline on a random row: our draws follow the distribution HF samples from
+        logits = torch.randn(40, generator=torch.Generator().manual_seed(0)) * 2
+        for kw in (dict(temperature=0.7, top_k=8, top_p=0.8), dict(temperature=1.5, top_k=12, top_p=0.7),
+                   dict(temperature=2.0, top_p=0.6)):
+            hf, freq = hf_warped(logits, **kw), draws(logits, **kw)
+            assert set(freq.nonzero().flatten().tolist()) == set(hf.nonzero().flatten().tolist()), kw
+            assert (freq - hf).abs().max() < 0.015, (kw, (freq - hf).abs().max())
+
+
+@one_thread
+def test_model_sample_temperature_statistics():
+    """Frequencies over 20k draws follow softmax(logits / T), and top_p cuts the tempered distribution (at T=2
+    it keeps 3 tokens, at T=1 only 2): dropping the temperature, or choosing the top-p set before it, fails."""
+    logits = torch.tensor(PROBS).log()
+    for T in (0.5, 2.0):
+        want = (logits.double() / T).softmax(-1)
+        assert (draws(logits, temperature=T) - want).abs().max() < 0.012, T
+        # the top-p set of the tempered probabilities, by hand: most likely first, keep while the mass before < 0.75
+        order = want.argsort(descending=True)
+        before = want[order].cumsum(0) - want[order]
+        cut = torch.zeros_like(want)
+        cut[order[before < 0.75]] = want[order[before < 0.75]]
+        assert (cut > 0).sum() == (3 if T == 2.0 else 2)
+        freq = draws(logits, temperature=T, top_p=0.75, seed=1)
+        assert (freq - cut / cut.sum()).abs().max() < 0.012, (T, freq, cut / cut.sum())
+
+
+# ----- model: dtypes on GPUs (checked on CPU) -----
+
+
+@one_thread
+def test_model_rope_keeps_autocast_dtype():
+    """Under bf16 autocast q and k reach attention in bf16: the fp32 RoPE tables are cast, not q and k upcast."""
+    model = tiny(**LLAMA)
+    real, seen = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *a, **kw)
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(M.F, 'scaled_dot_product_attention', spy), torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            model(idx)
+        generated(model, idx, 3, temperature=0)  # prefill and cached decode steps
+    assert len(seen) == 2 * 3 + 2 and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    assert model.rope_cos.dtype == torch.float32  # the tables themselves stay fp32
+
+
+@one_thread
+def test_model_sdpa_gqa_choice_and_both_paths_agree():
+    """enable_gqa only where a fast kernel serves it (not fp32 on CUDA); repeated K/V gives the same result."""
+    if M._SDPA_GQA:
+        assert not M.sdpa_gqa('cuda', torch.float32)
+        assert M.sdpa_gqa('cuda', torch.bfloat16) and M.sdpa_gqa('cuda', torch.float16) and M.sdpa_gqa('cpu', torch.float32)
+    model = tiny(**LLAMA)
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    real, out = F.scaled_dot_product_attention, {}
+    for native in (True, False):
+        calls = []
+
+        def spy(q, k, v, *a, **kw):
+            calls.append((k.size(1), kw.get('enable_gqa', False)))
+            return real(q, k, v, *a, **kw)
+        with mock.patch.object(M, 'sdpa_gqa', lambda device_type, dtype: native), \
+                mock.patch.object(M.F, 'scaled_dot_product_attention', spy):
+            model.zero_grad()
+            logits, loss = model(idx, idx)
+            loss.backward()
+        out[native] = logits.detach(), model.transformer.h[0].attn.c_attn.weight.grad.clone()
+        heads = model.config.n_kv_head if native else model.config.n_head
+        assert calls == [(heads, native)] * model.config.n_layer, calls
+    assert (out[True][0] - out[False][0]).abs().max() < 1e-5 and (out[True][1] - out[False][1]).abs().max() < 1e-5
+
+
+# ----- model: RoPE and init properties -----
+
+
+def rope_at(x, m, cos, sin):
+    """x (D,) rotated to position m."""
+    return M.apply_rope(x.view(1, 1, 1, -1), cos[m:m + 1], sin[m:m + 1]).flatten()
+
+
+def test_model_rope_relative_positions_and_rotation():
+    cos, sin = M.rope_tables(8, 16, 10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    dot = lambda m, n: (rope_at(q, m, cos, sin) @ rope_at(k, n, cos, sin)).item()
+    assert abs(dot(3, 1) - dot(10, 8)) < 1e-5 and abs(dot(0, 5) - dot(7, 12)) < 1e-5  # only m - n matters
+    assert abs(dot(3, 1) - dot(1, 3)) > 1e-2  # and its sign does
+    assert abs(dot(4, 4) - q @ k) < 1e-5  # same position: the rotation cancels
+    # by hand, head_dim 4: pairs (0, 2) at frequency 1 and (1, 3) at theta^-1/2; [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
+    cos, sin = M.rope_tables(4, 8, 100.0)
+    m = 3
+    for i, f in ((0, 1.0), (1, 0.1)):
+        c, s = math.cos(m * f), math.sin(m * f)
+        e = torch.zeros(4)
+        e[i] = 1.0
+        assert torch.allclose(rope_at(e, m, cos, sin), torch.tensor([c, 0, s, 0]).roll(i), atol=1e-6), i
+        e = torch.zeros(4)
+        e[i + 2] = 1.0
+        assert torch.allclose(rope_at(e, m, cos, sin), torch.tensor([-s, 0, c, 0]).roll(i), atol=1e-6), i
+
+
+@one_thread
+def test_model_init_statistics_per_group():
+    """GPT-2 init: N(0, 0.02), residual projections (c_proj) N(0, 0.02/sqrt(2 n_layer)), zero biases, unit norms."""
+    for style in (dict(), LLAMA):
+        torch.manual_seed(0)
+        model = M.GPT(M.GPTConfig(n_layer=8, n_head=8, n_embd=256, vocab_size=512, block_size=128, **style))
+        groups = Counter()
+        for name, p in model.named_parameters():
+            p = p.detach()
+            if name.endswith('c_proj.weight'):
+                groups['c_proj'] += 1
+                assert abs(p.std().item() / (0.02 / math.sqrt(2 * 8)) - 1) < 0.03, (name, p.std())
+            elif p.dim() >= 2:
+                groups['matrix'] += 1
+                assert abs(p.std().item() / 0.02 - 1) < 0.03, (name, p.std())
+            elif name.endswith('bias'):
+                groups['bias'] += 1
+                assert (p == 0).all(), name
+            else:
+                groups['norm'] += 1
+                assert name.endswith('weight') and (p == 1).all(), name
+            if p.dim() >= 2:
+                assert abs(p.mean().item()) < 0.05 * p.std().item(), name
+        llama = style is LLAMA
+        assert groups == Counter(c_proj=16, matrix=18, norm=17, **({} if llama else dict(bias=8 * 6 + 1))), groups
+
+
+def test_model_mfu_names_and_trained_context():
+    """The peak table takes the most specific name (an H200 NVL is not an SXM H200, a GB200 not a B200), and MFU
+    counts attention at the context trained on, not the model's longest."""
+    for name, want in (("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA B200", 2250e12),
+                       ("NVIDIA GB200", 2500e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                       ("NVIDIA L4", 121e12), ("Tesla V100-SXM2-16GB", 125e12), ("Some GPU", None)):
+        assert M.peak_flops(name) == want, name
+    with torch.device("meta"):
+        m = M.GPT(M.GPTConfig(**M.PRESETS["gpt2"]))
+    n = m.num_params(non_embedding=True)
+    assert m.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
+    assert m.flops_per_token(256) == 6 * n + 12 * 12 * 768 * 256  # 11% less than at 1024
+    with mock.patch("torch.cuda.get_device_name", return_value="NVIDIA H200 NVL"):
+        assert abs(m.estimate_mfu(1e5, "cuda", 256) - m.flops_per_token(256) * 1e5 / 835e12) < 1e-12
+
+
 # ----- model: sample.py -----
 
 

@@ -308,7 +308,7 @@ while True:
             dt, t_last = now - t_last, now
             train_time, steps_done = train_time + dt, steps_done + timed_steps
             tok_s = total_batch_size * timed_steps / dt
-            mfu = raw_model.estimate_mfu(tok_s / world_size, device)
+            mfu = raw_model.estimate_mfu(tok_s / world_size, device, block_size)
             eta = train_time / steps_done * (max_iters - step)
             extra = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
