@@ -575,23 +575,37 @@ def extract_number(text):
 
 
 @torch.no_grad()
-def generate_reply(model, tok, prompt_ids, max_new, stop_strings=(), stop_ids=(), autocast=nullcontext()):
-    """Greedy continuation of prompt_ids, cut before the first stop string or stop token."""
-    dev = model.lm_head.weight.device
-    ids = list(prompt_ids)[-model.config.block_size:]
-    out, text = [], ""
-    with autocast:
-        for step in model.generate(torch.tensor([ids], device=dev), max_new, temperature=0,
-                                   stop_tokens=tuple(stop_ids)):
-            t = int(step[0])
-            if t < 0 or t in stop_ids or t >= tok.n_vocab:  # a padded vocabulary row has no text: stop
-                break
-            out.append(t)
-            text = tok.decode(out)
-            if any(s in text[-(len(s) + 16):] for s in stop_strings):
-                break
-    cut = min([text.find(s) for s in stop_strings if s in text] or [len(text)])
-    return text[:cut]
+def generate_replies(model, tok, prompts, max_new, stop_strings=(), stop_ids=(), autocast=nullcontext(),
+                     batch_size=32, desc="generating"):
+    """Greedy continuations of prompts (lists of ids), each cut before its first stop string or stop token.
+    batch_size prompts of any lengths decode together (generate's left padding: each row gives what it gives
+    alone); a batch ends when every row has stopped."""
+    replies, bs = [], model.config.block_size
+    prog = Progress(len(prompts), desc, " replies")
+    stops = [s.encode() for s in stop_strings]
+    for i in range(0, len(prompts), batch_size):
+        rows = [list(p)[-bs:] for p in prompts[i:i + batch_size]]
+        out, done = [b"" for _ in rows], [False] * len(rows)
+        with autocast:
+            gen = model.generate(rows, max_new, temperature=0, stop_tokens=tuple(stop_ids))
+            for step in gen:
+                for r, t in enumerate(step.tolist()):
+                    if done[r]:
+                        continue
+                    if t < 0 or t in stop_ids or t >= tok.n_vocab:  # a padded vocabulary row has no text: stop
+                        done[r] = True
+                        continue
+                    out[r] += tok.decode_bytes([t])
+                    done[r] = any(s in out[r][-(len(s) + 64):] for s in stops)
+                if all(done):
+                    gen.close()
+                    break
+        for b in out:
+            text = b.decode("utf-8", errors="replace")
+            replies.append(text[:min([text.find(s) for s in stop_strings if s in text] or [len(text)])])
+        prog.update(len(rows))
+    prog.close()
+    return replies
 
 
 def gsm8k_prompt(tok, item, shots, use_chat):
@@ -609,15 +623,14 @@ def gsm8k(model, tok, items, pool, k, seed, use_chat, max_new, autocast):
     """Exact match of the extracted final number; few-shot examples from pool (items is its head)."""
     correct, no_number = 0, 0
     stop_ids = [tok.eot_id] + ([tok.special["<|end|>"]] if use_chat else [])
-    prog = Progress(len(items), "gsm8k", " questions")
-    for i, it in enumerate(items):
-        prompt = gsm8k_prompt(tok, it, fewshot(pool, range(len(pool)), i, k, seed, True), use_chat)
-        reply = generate_reply(model, tok, prompt, max_new, () if use_chat else GSM8K_STOP, stop_ids, autocast)
+    prompts = [gsm8k_prompt(tok, it, fewshot(pool, range(len(pool)), i, k, seed, True), use_chat)
+               for i, it in enumerate(items)]
+    replies = generate_replies(model, tok, prompts, max_new, () if use_chat else GSM8K_STOP, stop_ids, autocast,
+                               desc="gsm8k")
+    for it, reply in zip(items, replies):
         got = extract_number(reply)
         no_number += got is None
         correct += got == it["target"]
-        prog.update()
-    prog.close()
     n = len(items)
     p = correct / n
     return dict(exact_match=p, exact_match_stderr=math.sqrt(p * (1 - p) / max(n - 1, 1)), n=n,
@@ -739,11 +752,11 @@ def judge(model, tok, convs, use_chat, system_prompt, max_new, autocast):
     key = os.environ.get("JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     scores, unscored, reasons = [], [], {}
     stop_ids = [tok.eot_id] + ([tok.special["<|end|>"]] if use_chat else [])
+    replies = generate_replies(model, tok, [reply_prompt(tok, c[:-1], use_chat, system_prompt) for c in convs],
+                               max_new, () if use_chat else ALPACA_STOP, stop_ids, autocast, desc="replies")
     prog = Progress(len(convs), f"judge ({judge_model})", " replies")
-    for conv in convs:
-        question, reference = conv[:-1], conv[-1]["content"]
-        reply = generate_reply(model, tok, reply_prompt(tok, question, use_chat, system_prompt), max_new,
-                               () if use_chat else ALPACA_STOP, stop_ids, autocast).strip()
+    for conv, reply in zip(convs, replies):
+        question, reference, reply = conv[:-1], conv[-1]["content"], reply.strip()
         prompt = JUDGE_PROMPT.format(instruction=conversation_text(question), reference=reference, reply=reply)
         try:
             score, why, said = ask_judge(judge_url, judge_model, prompt, judge_timeout, judge_retries, key)

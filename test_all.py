@@ -2638,9 +2638,11 @@ def test_eval_gsm8k_generation_known_and_unknown():
     un = E.gsm8k(model, BYTE, items[len(KNOWN):], items, 0, 0, False, 24, contextlib.nullcontext())
     assert kn["exact_match"] == 1.0 and kn["n"] == len(KNOWN), kn
     assert un["exact_match"] == 0.0, un
-    reply = E.generate_reply(model, BYTE, BYTE.encode("Question: what is b?\nAnswer:"), 40, ("####",),
-                             [BYTE.eot_id])
-    assert reply == f" b is {number('b')} ", reply  # cut before the stop string
+    prompts = [BYTE.encode(q) for q in ("Question: what is b?\nAnswer:", "Q: what is a?\nAnswer:", "Question: c?\nA:")]
+    replies = E.generate_replies(model, BYTE, prompts, 40, ("####",), [BYTE.eot_id], batch_size=2)
+    assert replies[0] == f" b is {number('b')} ", replies  # cut before the stop string
+    # prompts of different lengths decode together (left padding) into what each gives alone
+    assert replies == [E.generate_replies(model, BYTE, [p], 40, ("####",), [BYTE.eot_id])[0] for p in prompts]
 
 
 @one_thread
