@@ -3379,6 +3379,30 @@ def test_dpo_scores_with_dropout_off():
     assert all(abs(r["val/loss"] - math.log(2)) < 1e-5 for r in evals), evals
 
 
+def test_dpo_ipo_rewards_are_per_token_means_end_to_end():
+    """dpo.py --loss_type=ipo scores replies by their per-token mean log-prob (as TRL): the held-out rewards it
+    logs equal beta * (mean log pi - mean log ref) recomputed here from its checkpoint and the SFT model's."""
+    import chat_data as C
+    _, sft = _sft_model()
+    out, beta, data = FT_TMP / "dpo-ipo", 0.5, str(shared_file("instruction-data-with-preference.json"))
+    p = ft_run(["dpo.py", f"--init_from={sft}", f"--out_dir={out}", "--overwrite=True", f"--data={data}",
+                "--loss_type=ipo", f"--beta={beta}", "--max_pairs=16", "--eval_pairs=8", "--max_iters=2",
+                "--eval_interval=2", "--batch_size=4", "--learning_rate=1e-3", "--warmup_iters=0", "--device=cpu"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    logged = [json.loads(l) for l in open(out / "metrics.jsonl") if "val/loss" in l][-1]
+    policy, _, tok = H.load_model("resume", out, "cpu")
+    ref, _, _ = H.load_model("resume", sft, "cpu")
+    _, val = C.load_split(data, "data", 0.1, "pref")
+    pairs = C.encode_pairs(tok, C.spread(val, 8), policy.config.block_size, "val")
+    x, y = C.pair_batch(pairs, tok.eot_id, "cpu")
+    with torch.no_grad():
+        lp, lr_ = (C.sequence_logps(m.eval()(x)[0], y, average=True) for m in (policy, ref))
+    n = len(pairs)
+    want = beta * (lp[:n] - lr_[:n]).mean().item(), beta * (lp[n:] - lr_[n:]).mean().item()
+    got = logged["val/rewards/chosen"], logged["val/rewards/rejected"]
+    assert abs(got[0] - want[0]) < 1e-4 and abs(got[1] - want[1]) < 1e-4 and abs(want[0]) > 1e-3, (got, want)
+
+
 # -----------------------------------------------------------------------------
 # bad input: clear errors, exit 2, nothing overwritten
 
