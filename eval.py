@@ -8,6 +8,8 @@ out_dir/eval.json (one entry per model: evaluating another model there keeps the
     python eval.py --init_from=gpt2 --out_dir=out-gpt2 --tasks=hellaswag    # downloads HellaSwag val
     python eval.py --tasks=hellaswag --task_file=hellaswag_val.jsonl --limit=500 --num_fewshot=5
     python eval.py --tasks=lm --lm_data=notes.txt            # a text file, a .bin shard or a dataset name
+    python eval.py --tasks=humaneval,mbpp --code_samples=20 --code_temperature=0.8   # pass@1, pass@10
+    python eval.py --tasks=humaneval --completions=samples.jsonl   # score completions, no model
 
 Tasks:
   pydocs      which of four docstring summaries belongs to `module.name`, for the documented objects of the
@@ -31,12 +33,23 @@ Tasks:
               OpenAI-compatible chat endpoint (--judge_url, e.g. Ollama) scores each reply 0-100 against the
               reference answer. Replies the judge gives no score for are counted and shown, never guessed;
               an unreachable judge stops the run before any work.
+  humaneval   HumanEval JSONL(.gz) (task_id, prompt, entry_point, canonical_solution, test): the model
+              continues the prompt (no chat template) until a stop string of the Codex paper ('\nclass',
+              '\ndef', '\n#', '\nif', '\nprint'); prompt + completion + test + check(entry_point) runs in
+              sandbox.py; unbiased pass@k (k = 1, 10, 100 where --code_samples allows).
+  mbpp        MBPP JSONL (task_id, text, code, test_list, test_setup_code): lm-evaluation-harness's prompt
+              ('You are an expert Python programmer, and here is your task: ... [BEGIN]'), generation until
+              '[DONE]'; 3-shot with the prompt split's tasks 2, 3, 4 when the file holds them (the full
+              mbpp.jsonl, where the test split 11-510 is asked), zero-shot otherwise (mbpp_test.jsonl).
+              --completions=FILE.jsonl scores given {task_id, completion} lines (human-eval's format) of
+              one code task without any model.
 Public task files are downloaded once to data_root/eval/<task>/ through common.download ($PREPARE_MIRROR
 works as for prepare.py); offline, put the file there or pass --task_file=PATH. Few-shot examples
 (--num_fewshot=k) are other questions of the same file (the same subject for MMLU), drawn with --seed; the
 question itself is never among them. Results are filed as e.g. 'pydocs', 'lm:pydocs', 'hellaswag_5shot'.
 """
 import csv
+import gzip
 import json
 import math
 import os
@@ -48,6 +61,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -66,7 +80,8 @@ from hf import load_model
 # default config
 init_from = "resume"       # 'resume' (out_dir/ckpt.pt) | 'gpt2', 'gpt2-medium', ... | a Hugging Face directory
 out_dir = "out"            # the checkpoint (resume) and where eval.json goes
-tasks = "pydocs,lm"        # comma-separated: pydocs, lm, hellaswag, mmlu, arc_easy, arc_challenge, gsm8k, judge
+tasks = "pydocs,lm"        # comma-separated: pydocs, lm, hellaswag, mmlu, arc_easy, arc_challenge, gsm8k, judge,
+                           # humaneval, mbpp
 task_file = ""             # a local file (or MMLU folder) for the one downloadable task in --tasks
 limit = 0                  # at most this many questions per task (0 = all); the first ones of a file
 num_fewshot = 0            # k-shot prompts for multiple choice and gsm8k
@@ -85,10 +100,19 @@ judge_timeout = 60.0       # seconds per judge request
 judge_retries = 2          # further attempts after a timeout or a 5xx/429 answer
 device = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"             # 'auto': bfloat16 autocast on CUDA, float32 elsewhere
-seed = 1337                # few-shot draws
+seed = 1337                # few-shot draws; code sampling
+code_samples = 1           # humaneval/mbpp: completions per problem (n of pass@k)
+code_temperature = 0.0     # 0: greedy (then code_samples must be 1)
+code_top_p = 0.95          # nucleus sampling when code_temperature > 0
+code_max_new_tokens = 512  # longest completion
+code_pass_k = None         # the k of pass@k: 5 or 1,10; None: each of 1, 10, 100 that code_samples allows
+code_timeout = 10.0        # seconds of wall clock per program in the sandbox
+code_workers = 0           # programs run in parallel (0: one per CPU core)
+completions = ""           # a {task_id, completion} JSONL file to score instead of a model's (one code task)
 # -----------------------------------------------------------------------------
 
-TASKS = ("pydocs", "lm", "hellaswag", "mmlu", "arc_easy", "arc_challenge", "gsm8k", "judge")
+TASKS = ("pydocs", "lm", "hellaswag", "mmlu", "arc_easy", "arc_challenge", "gsm8k", "judge", "humaneval", "mbpp")
+CODE_TASKS = ("humaneval", "mbpp")
 DOWNLOADS = {  # task -> (URL, file name); ARC and MMLU come as archives, the file is taken out of them
     "hellaswag": ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
                   "hellaswag_val.jsonl"),
@@ -97,7 +121,12 @@ DOWNLOADS = {  # task -> (URL, file name); ARC and MMLU come as archives, the fi
     "arc_challenge": ("https://s3-us-west-2.amazonaws.com/ai2-website/data/ARC-V1-Feb2018.zip", "ARC-V1-Feb2018.zip"),
     "gsm8k": ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
               "test.jsonl"),
+    "humaneval": ("https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz", "HumanEval.jsonl.gz"),
+    "mbpp": ("https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl", "mbpp.jsonl"),
 }
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # human-eval / the Codex paper
+MBPP_STOP = ("[DONE]",)  # lm-evaluation-harness
+MBPP_SHOTS = (2, 3, 4)  # the prompt split's tasks the MBPP paper and the harness prompt with
 GSM8K_STOP = ("Question:", "\n\n")
 ALPACA_STOP = ("\n### ", "\n\n\n")
 
@@ -112,8 +141,11 @@ def bad(path, where, field, problem):
 def read_jsonl(path):
     """(line number, object) for each non-blank line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as e:
+        if str(path).endswith(".gz"):  # HumanEval.jsonl.gz
+            lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").replace("\r\n", "\n").split("\n")
+        else:
+            lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
         die(f"cannot read task file {path} ({e})")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -231,6 +263,48 @@ def read_gsm8k(path):
             bad(path, lineno, "answer", "should end with '#### <number>' (GSM8K format)")
         items.append(dict(question=q.strip(), answer=a.strip(), target=extract_number(a)))
     return items
+
+
+def read_humaneval(path):
+    """HumanEval problems: task_id, prompt, entry_point, test (and canonical_solution when there)."""
+    items, seen = [], {}
+    for lineno, obj in read_jsonl(path):
+        it = {k: get(obj, path, lineno, k, str, "a string") for k in ("task_id", "prompt", "entry_point", "test")}
+        if not it["entry_point"].isidentifier():
+            bad(path, lineno, "entry_point", f"should be a function name, got {it['entry_point']!r}")
+        if it["task_id"] in seen:
+            bad(path, lineno, "task_id", f"{it['task_id']!r} repeats line {seen[it['task_id']]}")
+        seen[it["task_id"]] = lineno
+        it["canonical_solution"] = get(obj, path, lineno, "canonical_solution", str, "a string") \
+            if "canonical_solution" in obj else None
+        items.append(it)
+    return items
+
+
+def read_mbpp(path):
+    """(MBPP problems to ask, few-shot examples): task_id, text, code, test_list, test_setup_code. The examples
+    are the prompt split's tasks 2, 3, 4 when the file holds them; the prompt split (1-10) is never asked, and
+    in a file that holds the test split (11-510) and others (the full mbpp.jsonl), only the test split is."""
+    items, seen = [], {}
+    for lineno, obj in read_jsonl(path):
+        tid = get(obj, path, lineno, "task_id", (int, str), "an integer or a string")
+        if str(tid) in seen:
+            bad(path, lineno, "task_id", f"{tid!r} repeats line {seen[str(tid)]}")
+        seen[str(tid)] = lineno
+        text = get(obj, path, lineno, "text", str, "a string")
+        code = get(obj, path, lineno, "code", str, "a string")
+        tests = get(obj, path, lineno, "test_list", list, "a list")
+        if not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+            bad(path, lineno, "test_list", "should be a non-empty list of assert statements (strings)")
+        setup = get(obj, path, lineno, "test_setup_code", str, "a string") if "test_setup_code" in obj else ""
+        items.append(dict(task_id=tid, text=text, code=code, test_list=tests, test_setup_code=setup))
+    num = lambda it: int(it["task_id"]) if str(it["task_id"]).isdigit() else -1  # noqa: E731
+    shots = [next(it for it in items if num(it) == k) for k in MBPP_SHOTS if any(num(it) == k for it in items)]
+    shots = shots if len(shots) == len(MBPP_SHOTS) else []
+    asked = [it for it in items if not 1 <= num(it) <= 10]
+    if any(11 <= num(it) <= 510 for it in asked):
+        asked = [it for it in asked if 11 <= num(it) <= 510]
+    return asked, shots
 
 
 def judge_conversations(ckpt):
@@ -576,18 +650,21 @@ def extract_number(text):
 
 @torch.no_grad()
 def generate_replies(model, tok, prompts, max_new, stop_strings=(), stop_ids=(), autocast=nullcontext(),
-                     batch_size=32, desc="generating"):
-    """Greedy continuations of prompts (lists of ids), each cut before its first stop string or stop token.
-    batch_size prompts of any lengths decode together (generate's left padding: each row gives what it gives
-    alone); a batch ends when every row has stopped."""
+                     batch_size=32, desc="generating", temperature=0.0, top_p=None, seed=None, num_samples=1):
+    """Greedy (or, at a temperature, sampled: num_samples per prompt, reply i*num_samples+s is sample s of
+    prompt i) continuations of prompts (lists of ids), each cut before its first stop string or stop token.
+    batch_size rows of prompts of any lengths decode together (generate's left padding: each row gives what
+    it gives alone); a batch ends when every row has stopped. Sampling is seeded per batch from seed."""
     replies, bs = [], model.config.block_size
-    prog = Progress(len(prompts), desc, " replies")
+    prog = Progress(len(prompts) * num_samples, desc, " replies")
     stops = [s.encode() for s in stop_strings]
-    for i in range(0, len(prompts), batch_size):
-        rows = [list(p)[-bs:] for p in prompts[i:i + batch_size]]
-        out, done = [b"" for _ in rows], [False] * len(rows)
+    per = max(1, batch_size // num_samples)
+    for i in range(0, len(prompts), per):
+        rows = [list(p)[-bs:] for p in prompts[i:i + per]]
+        out, done = [b"" for _ in range(len(rows) * num_samples)], [False] * (len(rows) * num_samples)
         with autocast:
-            gen = model.generate(rows, max_new, temperature=0, stop_tokens=tuple(stop_ids))
+            gen = model.generate(rows, max_new, temperature=temperature, top_p=top_p, stop_tokens=tuple(stop_ids),
+                                 seed=None if seed is None else seed + i, num_samples=num_samples)
             for step in gen:
                 for r, t in enumerate(step.tolist()):
                     if done[r]:
@@ -603,7 +680,7 @@ def generate_replies(model, tok, prompts, max_new, stop_strings=(), stop_ids=(),
         for b in out:
             text = b.decode("utf-8", errors="replace")
             replies.append(text[:min([text.find(s) for s in stop_strings if s in text] or [len(text)])])
-        prog.update(len(rows))
+        prog.update(len(out))
     prog.close()
     return replies
 
@@ -776,6 +853,146 @@ def judge(model, tok, convs, use_chat, system_prompt, max_new, autocast):
                 unscored_examples=unscored[:5], judge=judge_model)
 
 # -----------------------------------------------------------------------------
+# code generation: HumanEval and MBPP, run in sandbox.py, unbiased pass@k
+
+
+def pass_at_k(n, c, k):
+    """The unbiased estimator of the Codex paper: the chance that at least one of k samples drawn without
+    replacement from n, of which c are correct, is correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or k < 1 or n < k:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def code_ks(n):
+    """The k of pass@k for n samples per problem: --code_pass_k, or each of 1, 10, 100 that n allows."""
+    if code_pass_k is None:
+        return [k for k in (1, 10, 100) if k <= n]
+    given = code_pass_k if isinstance(code_pass_k, (tuple, list)) else str(code_pass_k).split(",")
+    try:
+        ks = sorted({int(k) for k in given if str(k).strip()})
+    except ValueError:
+        die(f"code_pass_k should be integers such as 1,10, got {code_pass_k!r}")
+    if not ks or ks[0] < 1:
+        die(f"code_pass_k should hold integers >= 1, got {code_pass_k!r}")
+    if ks[-1] > n:
+        more = "give more completions per task" if completions else "raise --code_samples"
+        die(f"pass@{ks[-1]} needs at least {ks[-1]} samples per problem, but n = {n} (n < k): {more} or lower "
+            f"--code_pass_k")
+    return ks
+
+
+def code_prompt(task, item, shots=()):
+    """The text the model continues: HumanEval's prompt as it is; MBPP as lm-evaluation-harness."""
+    if task == "humaneval":
+        return item["prompt"]
+
+    def ask(it):
+        return (f"You are an expert Python programmer, and here is your task: {it['text']} Your code should pass "
+                f"these tests:\n\n" + "\n".join(it["test_list"]) + "\n[BEGIN]\n")
+    return "".join(ask(s) + s["code"] + "\n[DONE]\n\n" for s in shots) + ask(item)
+
+
+def code_program(task, item, completion):
+    """The program that passes when the completion is right: the tests run after it. MBPP's test_setup_code
+    runs between the completion and the tests: the one test task that has some (367) builds its trees with
+    the class Node that the solution itself defines (set up first, the reference solution fails)."""
+    if task == "humaneval":
+        return f"{item['prompt']}{completion}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+    return f"{completion}\n\n{item['test_setup_code']}\n" + "\n".join(item["test_list"]) + "\n"
+
+
+def task_id(task, item):
+    return str(item["task_id"])
+
+
+def run_programs(programs, workers=0, timeout=10.0, desc="sandbox"):
+    """sandbox.run_python of each program, workers at a time (threads: each waits on its own process)."""
+    import sandbox
+    sandbox.capabilities()  # probed once, before the threads start
+    workers = workers or os.cpu_count() or 1
+    prog = Progress(len(programs), desc, " programs")
+
+    def one(p):
+        r = sandbox.run_python(p, timeout=timeout)
+        prog.update()
+        return r
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        results = list(ex.map(one, programs))
+    prog.close()
+    return results
+
+
+def score_code(task, items, samples, ks, workers=0, timeout=10.0):
+    """samples: {task_id: [completion, ...]} for (some of) items. Runs every sample; pass@k over the problems
+    that have samples, with each problem's own n; (result dict, per-sample records)."""
+    by_id = {task_id(task, it): it for it in items}
+    jobs = [(tid, s) for tid, ss in samples.items() for s in ss]
+    results = run_programs([code_program(task, by_id[tid], s) for tid, s in jobs], workers, timeout, f"{task} tests")
+    correct, n, statuses, reasons, records = {}, {}, {}, {}, []
+    for (tid, s), r in zip(jobs, results):
+        n[tid] = n.get(tid, 0) + 1
+        correct[tid] = correct.get(tid, 0) + (r.status == "pass")
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        if r.status != "pass":
+            why = r.reason.split(":")[0][:80]
+            reasons[why] = reasons.get(why, 0) + 1
+        records.append({"task_id": tid, "completion": s, "passed": r.status == "pass", "result": r.status,
+                        "reason": r.reason})
+    out = {}
+    for k in ks:
+        out[f"pass@{k}"] = float(np.mean([pass_at_k(n[t], correct[t], k) for t in n]))
+    p = out.get("pass@1")
+    m = len(n)
+    out.update(pass_at_1_stderr=math.sqrt(p * (1 - p) / max(m - 1, 1)) if p is not None else None, n=m,
+               samples=min(n.values()) if n else 0, solved=sum(c > 0 for c in correct.values()), statuses=statuses,
+               top_failures=dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5]))
+    return out, records
+
+
+def read_completions(path, task, items):
+    """{task_id: [completion, ...]} from a JSONL file of {task_id, completion} lines (human-eval's format);
+    a task id the task does not have stops with its line."""
+    known = {task_id(task, it) for it in items}
+    samples = {}
+    for lineno, obj in read_jsonl(path):
+        tid = get(obj, path, lineno, "task_id", (int, str), "an integer or a string")
+        comp = get(obj, path, lineno, "completion", str, "a string")
+        if str(tid) not in known:
+            near = ", ".join(sorted(known)[:3])
+            bad(path, lineno, "task_id", f"{tid!r} is not a task of {task} (its ids look like {near}, ...); "
+                                         f"pass the matching --tasks or --task_file")
+        samples.setdefault(str(tid), []).append(comp)
+    if not samples:
+        die(f"completions file {path} holds no completions")
+    return samples
+
+
+@torch.no_grad()
+def code_generate(model, tok, task, items, shots, n, temperature, top_p, max_new, autocast):
+    """{task_id: [n completions]}: greedy (temperature 0) or sampled, cut at the task's stop strings."""
+    prompts = [tok.encode(code_prompt(task, it, shots)) for it in items]
+    stops = HUMANEVAL_STOP if task == "humaneval" else MBPP_STOP
+    replies = generate_replies(model, tok, prompts, max_new, stops, [tok.eot_id], autocast, desc=task,
+                               temperature=temperature, top_p=top_p if temperature > 0 else None, seed=seed,
+                               num_samples=n)
+    return {task_id(task, it): replies[i * n:(i + 1) * n] for i, it in enumerate(items)}
+
+
+def code_eval(task, items, shots, samples, ks, out):
+    """Score samples, write the per-sample records to out_dir/<task>_samples.jsonl, return the result."""
+    r, records = score_code(task, items, samples, ks, code_workers, code_timeout)
+    path = Path(out) / f"{task}_samples.jsonl"
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in records))
+    r.update(num_fewshot=len(shots), temperature=code_temperature if not completions else None,
+             samples_file=str(path))
+    return r
+
+
+# -----------------------------------------------------------------------------
 # task files: local, or downloaded once into data_root/eval/<task>/
 
 
@@ -836,8 +1053,13 @@ def load_task(task):
     if task == "judge":
         return None, None  # its data depends on the checkpoint: read once the model is loaded
     path = task_path(task)
+    if task == "mbpp":
+        items, shots = read_mbpp(path)
+        if not items:
+            die(f"task file {path} holds no questions")
+        return items, shots
     reader = {"hellaswag": read_hellaswag, "mmlu": read_mmlu, "arc_easy": read_arc, "arc_challenge": read_arc,
-              "gsm8k": read_gsm8k}[task]
+              "gsm8k": read_gsm8k, "humaneval": read_humaneval}[task]
     items = reader(path)
     if not items:
         die(f"task file {path} holds no questions")
@@ -853,7 +1075,7 @@ def result_name(task):
     if task == "lm":
         return f"lm:{Path(lm_data).name}" + ("" if lm_split == "val" or Path(lm_data).is_file() else f"_{lm_split}")
     name = task + ("_train" if task == "pydocs" and pydocs_split == "train" else "")
-    return name + (f"_{num_fewshot}shot" if num_fewshot and task != "judge" else "")
+    return name + (f"_{num_fewshot}shot" if num_fewshot and task not in ("judge",) + CODE_TASKS else "")
 
 
 def rows_of(name, r):
@@ -864,6 +1086,11 @@ def rows_of(name, r):
                 (name, "ppl", r["ppl"], None, "")]
     if task == "gsm8k":
         return [(name, f"exact_match ({r['num_fewshot']}-shot)", r["exact_match"], r["exact_match_stderr"], r["n"])]
+    if task in CODE_TASKS:
+        how = f"n={r['samples']}" + (f", T={r['temperature']:g}" if r.get("temperature") is not None else "") \
+            + (f", {r['num_fewshot']}-shot" if task == "mbpp" else "")
+        return [(name, f"{m} ({how})" if m == "pass@1" else m, r[m], r["pass_at_1_stderr"] if m == "pass@1" else None,
+                 r["n"]) for m in r if m.startswith("pass@")]
     if task == "judge":
         rows = [(name, f"score 0-100 ({r['judge']})", r["score"], r["score_stderr"], r["scored"])]
         if r["unscored"]:
@@ -919,6 +1146,23 @@ def main():
         die("limit, num_fewshot and lm_max_tokens must be >= 0, batch_tokens and max_new_tokens >= 1")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         die(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    code = [t for t in names if t in CODE_TASKS]
+    if code:
+        if code_samples < 1 or code_temperature < 0 or not 0 < code_top_p <= 1 or code_timeout <= 0 \
+                or code_workers < 0 or code_max_new_tokens < 1:
+            die("code_samples and code_max_new_tokens must be >= 1, code_temperature >= 0, 0 < code_top_p <= 1, "
+                "code_timeout > 0, code_workers >= 0")
+        if code_samples > 1 and code_temperature == 0 and not completions:
+            die(f"code_samples={code_samples} at code_temperature=0 would give {code_samples} copies of the greedy "
+                f"completion: set --code_temperature (e.g. 0.8) or --code_samples=1")
+        if not completions:
+            code_ks(code_samples)  # n < k stops here, before any work
+    if completions:
+        if len(code) != 1 or len(names) != 1:
+            die(f"--completions scores one code task: --tasks=humaneval or --tasks=mbpp (got --tasks={tasks})")
+        if not Path(completions).is_file():
+            die(f"--completions={completions} not found")
+        return score_completions(names[0])
     if "judge" in names:
         if not judge_url:
             die("the judge task needs --judge_url=http://host:port of an OpenAI-compatible server (e.g. Ollama)")
@@ -950,6 +1194,10 @@ def main():
             r = language_model(model, tok, items, lm_split, lm_max_tokens, batch_tokens, autocast)
         elif t == "gsm8k":
             r = gsm8k(model, tok, head, items, num_fewshot, seed, chat, max_new_tokens, autocast)
+        elif t in CODE_TASKS:
+            samples = code_generate(model, tok, t, head, shots or [], code_samples, code_temperature, code_top_p,
+                                    code_max_new_tokens, autocast)
+            r = code_eval(t, head, shots or [], samples, code_ks(code_samples), out_dir)
         elif t == "judge":
             name, convs = judge_conversations(ckpt)
             system = (ckpt or {}).get("config", {}).get("system_prompt", "") if chat else ""
@@ -967,6 +1215,25 @@ def main():
     print_table(f"results ({time.strftime('%Y-%m-%d %H:%M')}):", results)
     path = Path(out_dir) / "eval.json"
     write_results(path, key, info, results)
+    print(f"wrote {path}")
+
+
+def score_completions(task):
+    """--completions: score a file of {task_id, completion} lines; no model is loaded."""
+    items, shots = load_task(task)
+    samples = read_completions(completions, task, items)
+    n = min(len(v) for v in samples.values())
+    ks = code_ks(n)
+    missing = len(items) - len(samples)
+    t0 = time.time()
+    r = code_eval(task, items, shots or [], samples, ks, out_dir)
+    r.update(task=task, time_s=round(time.time() - t0, 2), step=None, completions=str(completions))
+    if missing:
+        print(f"note: {missing} of the {len(items)} problems have no completion in {completions}: not scored")
+    results = {result_name(task): r}
+    print_table(f"results ({time.strftime('%Y-%m-%d %H:%M')}), completions {completions}:", results)
+    path = Path(out_dir) / "eval.json"
+    write_results(path, f"completions:{Path(completions).name}", {"completions": str(completions)}, results)
     print(f"wrote {path}")
 
 

@@ -3074,6 +3074,477 @@ def test_eval_cli_hf_gpt2_import():
                                 f"--task_file={gsm}"), "chat tokens")
 
 
+# ----- eval: code generation (humaneval, mbpp) and sandbox.py (-k code) -----
+
+import sandbox as S
+
+CODE_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-code-tests-"))
+
+
+def humaneval_items():
+    return E.read_humaneval(shared_file("eval/HumanEval.jsonl.gz"))
+
+
+def he0():
+    """HumanEval/0 (has_close_elements), and its reference solution."""
+    return next(it for it in humaneval_items() if it["task_id"] == "HumanEval/0")
+
+
+def sandboxed(program, **kw):
+    """run_python, and the temporary directory is gone afterwards, whatever happened."""
+    kw.setdefault("timeout", 5)
+    r = S.run_python(program, **kw)
+    assert r.workdir and not os.path.exists(r.workdir), r.workdir
+    return r
+
+
+def live_processes(needle):
+    """Processes whose command line holds needle (the sandbox's temporary directory)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if needle.encode() in Path(f"/proc/{d}/cmdline").read_bytes():
+                    found.append(int(d))
+            except OSError:
+                pass
+    return found
+
+
+# ----- code: pass@k -----
+
+
+def test_code_pass_at_k_exact():
+    """The Codex paper's unbiased estimator: 1 - C(n-c, k) / C(n, k)."""
+    assert round(E.pass_at_k(10, 3, 5), 4) == 0.9167
+    assert abs(E.pass_at_k(10, 3, 5) - (1 - math.comb(7, 5) / math.comb(10, 5))) < 1e-12  # 1 - 21/252
+    assert E.pass_at_k(10, 10, 5) == 1.0 and E.pass_at_k(1, 1, 1) == 1.0  # c = n
+    assert E.pass_at_k(10, 0, 5) == 0.0 and E.pass_at_k(100, 0, 100) == 0.0  # c = 0
+    assert E.pass_at_k(10, 6, 5) == 1.0  # n - c < k: every draw of k holds a correct one
+    for n in (1, 7, 20, 100):
+        for c in range(n + 1):
+            for k in (1, 5, 10, 100):
+                if k <= n:
+                    assert abs(E.pass_at_k(n, c, k) - (1 - math.comb(n - c, k) / math.comb(n, k))) < 1e-9
+    assert E.pass_at_k(20, 5, 1) == 0.25  # pass@1 is c / n
+    try:
+        E.pass_at_k(3, 1, 5)
+    except ValueError as e:
+        assert "n=3" in str(e)
+    else:
+        raise AssertionError("n < k gave a value")
+
+
+# ----- code: the real data -----
+
+
+def test_code_humaneval_canonical_all_pass_stubs_none():
+    """164 reference solutions pass, 164 `pass` stubs fail, all through the sandbox in parallel."""
+    items = humaneval_items()
+    assert len(items) == 164 and len({it["task_id"] for it in items}) == 164
+    progs = [E.code_program("humaneval", it, it["canonical_solution"]) for it in items]
+    progs += [E.code_program("humaneval", it, "    pass\n") for it in items]
+    t0 = time.time()
+    rs = E.run_programs(progs, workers=4, timeout=20)
+    print(f"  humaneval: 328 programs in {time.time() - t0:.1f}s")
+    good, stub = rs[:164], rs[164:]
+    failed = [(it["task_id"], r.reason) for it, r in zip(items, good) if r.status != "pass"]
+    assert failed == [], failed
+    assert [it["task_id"] for it, r in zip(items, stub) if r.status == "pass"] == []
+
+
+def test_code_mbpp_canonical_all_pass_stubs_none():
+    """500 of the 500 test-split reference solutions pass (test_setup_code runs after the solution: task 367's
+    builds trees of the class Node the solution defines; before it, 367 fails with a NameError) and no
+    `pass` stub does. The file is the test split alone, so the prompt is zero-shot."""
+    items, shots = E.read_mbpp(shared_file("eval/mbpp_test.jsonl"))
+    assert len(items) == 500 and shots == []
+    progs = [E.code_program("mbpp", it, it["code"]) for it in items]
+    progs += [E.code_program("mbpp", it, "pass") for it in items]
+    rs = E.run_programs(progs, workers=4, timeout=20)
+    good, stub = rs[:500], rs[500:]
+    failed = [(it["task_id"], r.reason) for it, r in zip(items, good) if r.status != "pass"]
+    assert len(failed) == 0, failed
+    assert [it["task_id"] for it, r in zip(items, stub) if r.status == "pass"] == []
+    # the setup-before-solution order fails exactly the one task that has setup code
+    t367 = next(it for it in items if it["task_id"] == 367)
+    r = sandboxed(t367["test_setup_code"] + "\n" + t367["code"] + "\n" + "\n".join(t367["test_list"]))
+    assert r.status == "fail" and "NameError" in r.reason and "Node" in r.reason, r
+
+
+def test_code_mbpp_fewshot_from_the_prompt_split():
+    """A file holding the prompt split (tasks 1-10) gives the standard 3-shot prompt with tasks 2, 3, 4 and
+    asks only the test split (11-510)."""
+    rows = [json.loads(l) for l in shared_file("eval/mbpp_test.jsonl").read_text().splitlines()[:3]]
+    full = CODE_TMP / "mbpp_full.jsonl"
+    fake = [dict(r, task_id=i) for i, r in zip((2, 3, 4), rows)] + [dict(rows[0], task_id=1)]
+    fake += [rows[0], dict(rows[1], task_id=700)]
+    full.write_text("".join(json.dumps(r) + "\n" for r in fake))
+    asked, shots = E.read_mbpp(full)
+    assert [s["task_id"] for s in shots] == [2, 3, 4] and [a["task_id"] for a in asked] == [11]
+    p = E.code_prompt("mbpp", asked[0], shots)
+    assert p.count("You are an expert Python programmer, and here is your task: ") == 4
+    assert p.count("[DONE]") == 3 and p.endswith(rows[0]["test_list"][-1] + "\n[BEGIN]\n")
+    assert p.startswith(f"You are an expert Python programmer, and here is your task: {rows[0]['text']} Your code "
+                        f"should pass these tests:\n\n{rows[0]['test_list'][0]}\n")
+    assert E.read_mbpp(shared_file("eval/mbpp_test.jsonl"))[1] == []  # the test split alone: zero-shot
+
+
+def test_code_scoring_164_completions_cli_no_model():
+    """`eval.py --tasks=humaneval --completions=FILE` with no checkpoint at all: the reference solutions as
+    completions give pass@1 = 1, half of them broken give 0.5 (and pass@k per task with its own n)."""
+    items = humaneval_items()
+    good = CODE_TMP / "he_canonical.jsonl"
+    good.write_text("".join(json.dumps({"task_id": it["task_id"], "completion": it["canonical_solution"]}) + "\n"
+                            for it in items))
+    out = CODE_TMP / "no-model"  # no ckpt.pt anywhere
+    t0 = time.time()
+    p = run_eval("--tasks=humaneval", f"--completions={good}", f"--task_file={shared_file('eval/HumanEval.jsonl.gz')}",
+                 f"--out_dir={out}", "--code_workers=2")
+    print(f"  164 completions scored by the CLI in {time.time() - t0:.1f}s")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "eval.json").read_text())["completions:he_canonical.jsonl"]["tasks"]["humaneval"]
+    assert r["pass@1"] == 1.0 and r["n"] == 164 and r["samples"] == 1 and r["statuses"] == {"pass": 164}
+    assert "pass@1 (n=1)" in p.stdout and "1.0000" in p.stdout
+    # two samples per task: the reference and a wrong one (returns None): pass@1 = 0.5, pass@2 = 1
+    two = CODE_TMP / "he_two.jsonl"
+    two.write_text("".join(json.dumps({"task_id": it["task_id"], "completion": c}) + "\n"
+                           for it in items[:20] for c in (it["canonical_solution"], "    return None\n")))
+    p = run_eval("--tasks=humaneval", f"--completions={two}", f"--task_file={shared_file('eval/HumanEval.jsonl.gz')}",
+                 f"--out_dir={out}", "--code_pass_k=1,2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "eval.json").read_text())["completions:he_two.jsonl"]["tasks"]["humaneval"]
+    assert r["pass@1"] == 0.5 and r["pass@2"] == 1.0 and r["n"] == 20 and r["samples"] == 2
+    assert "144 of the 164 problems have no completion" in p.stdout
+    recs = [json.loads(l) for l in (out / "humaneval_samples.jsonl").read_text().splitlines()]
+    assert len(recs) == 40 and [x["passed"] for x in recs[:4]] == [True, False, True, False]
+
+
+def test_code_bad_input_one_line_exit_2():
+    """A malformed task file (file:line:field), a completions file naming an unknown task id, n < k, and
+    sampling options that cannot work: one line, exit code 2, no traceback, before any model loads."""
+    rows = [json.loads(l) for l in gzip_lines(shared_file("eval/HumanEval.jsonl.gz"))[:3]]
+    broken = CODE_TMP / "he_broken.jsonl"
+    del rows[1]["test"]
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    comp = CODE_TMP / "he_one.jsonl"
+    comp.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    pass\n"}) + "\n")
+    assert_clear_error(run_eval("--tasks=humaneval", f"--task_file={broken}", f"--completions={comp}"),
+                       f"{broken}:2: field 'test' is missing")
+    unknown = CODE_TMP / "he_unknown.jsonl"
+    unknown.write_text(json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n"
+                       + json.dumps({"task_id": "HumanEval/999", "completion": ""}) + "\n")
+    he = f"--task_file={shared_file('eval/HumanEval.jsonl.gz')}"
+    assert_clear_error(run_eval("--tasks=humaneval", he, f"--completions={unknown}"),
+                       f"{unknown}:2: field 'task_id' 'HumanEval/999' is not a task of humaneval")
+    assert_clear_error(run_eval("--tasks=humaneval", he, f"--completions={comp}", "--code_pass_k=1,10"),
+                       "pass@10", "n = 1 (n < k)")
+    # with a model to sample from (none here: these stop before it loads), in-process
+    where = dict(tasks="humaneval", task_file=str(shared_file("eval/HumanEval.jsonl.gz")),
+                 out_dir=str(CODE_TMP / "nothing-here"), code_samples=5, code_temperature=0.8, code_pass_k=10)
+    with mock.patch.multiple(E, **where):
+        assert "pass@10 needs at least 10 samples per problem, but n = 5 (n < k)" in expect_die(E.main)
+    with mock.patch.multiple(E, **dict(where, code_temperature=0.0, code_pass_k=None)):
+        assert "code_temperature" in expect_die(E.main)
+    # in-process, the readers: bad JSON and a wrong type name the line and the field
+    bad_json = CODE_TMP / "mbpp_bad.jsonl"
+    bad_json.write_text('{"task_id": 1, "text": "t", "code": "c", "test_list": ["assert 1"]}\n{"task_id": 2,\n')
+    assert f"{bad_json}:2: is not valid JSON" in expect_die(E.read_mbpp, bad_json)
+    bad_json.write_text('{"task_id": 1, "text": "t", "code": "c", "test_list": "assert 1"}\n')
+    assert f"{bad_json}:1: field 'test_list' should be a list" in expect_die(E.read_mbpp, bad_json)
+
+
+def gzip_lines(path):
+    import gzip
+    return gzip.decompress(Path(path).read_bytes()).decode().splitlines()
+
+
+def test_code_downloads_through_the_helper():
+    """HumanEval and MBPP come through common.download (here from a mirror on 127.0.0.1) into
+    data_root/eval/<task>/, as the other tasks' files; the .gz is read as it is."""
+    site = CODE_TMP / "mirror"
+    site.mkdir(exist_ok=True)
+    (site / "HumanEval.jsonl.gz").write_bytes(shared_file("eval/HumanEval.jsonl.gz").read_bytes())
+    (site / "mbpp.jsonl").write_text("".join(shared_file("eval/mbpp_test.jsonl").read_text().splitlines(True)[:5]))
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(site), **kw)
+
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dl = CODE_TMP / "dl"
+    try:
+        with mock.patch.dict(os.environ, {"PREPARE_MIRROR": f"http://127.0.0.1:{server.server_address[1]}"}), \
+                mock.patch.multiple(E, data_root=str(dl), task_file=""), contextlib.redirect_stderr(io.StringIO()):
+            items, _ = E.load_task("humaneval")
+            assert len(items) == 164 and (dl / "eval" / "humaneval" / "HumanEval.jsonl.gz").exists()
+            items, shots = E.load_task("mbpp")
+            assert len(items) == 5 and shots == [] and (dl / "eval" / "mbpp" / "mbpp.jsonl").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ----- code: generation end to end, with a model that knows two answers -----
+
+ADD = ("def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "    return a + b\n")
+SUB = ("def sub(a, b):\n    \"\"\"a minus b.\"\"\"\n", "    return a - b\n")
+MUL = ("def mul(a, b):\n    \"\"\"a times b.\"\"\"\n", None)  # never taught
+
+
+def coder_model():
+    """A 2-layer byte model trained to complete ADD's and SUB's prompts, then <|endoftext|>: a few seconds."""
+    torch.manual_seed(0)
+    cfg = M.GPTConfig(vocab_size=BYTE.n_vocab, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=48,
+                      bias=False, norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=True)
+    model = M.GPT(cfg)
+    seqs = [(BYTE.encode(p), BYTE.encode(c) + [BYTE.eot_id]) for p, c in (ADD, SUB)]
+    L = max(len(p) + len(c) for p, c in seqs)
+    x = torch.zeros(len(seqs), L - 1, dtype=torch.long)
+    y = torch.full((len(seqs), L - 1), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        x[i, :len(p) + len(c) - 1] = torch.tensor((p + c)[:-1])
+        y[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    with torch.random.fork_rng():
+        for _ in range(400):
+            logits, loss = model(x, y)
+            if bool((logits.argmax(-1) == y)[y != -1].all()) and loss.item() < 0.02:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert bool((logits.argmax(-1) == y)[y != -1].all()), "the coder model did not learn its answers"
+    return model.eval()
+
+
+@one_thread
+def test_code_generate_sandbox_pass_at_k_end_to_end():
+    """eval.py --tasks=humaneval on a checkpoint: greedy completions of the two taught problems pass, the
+    untaught one fails (pass@1 = 2/3); sampled, 4 samples per problem are reproducible with the seed."""
+    probs = CODE_TMP / "he_mini.jsonl"
+    probs.write_text("".join(json.dumps({"task_id": f"Mini/{i}", "prompt": p, "entry_point": p[4:7],
+                                         "canonical_solution": c or "    return a * b\n",
+                                         "test": f"def check(f):\n    assert f(7, 3) == {v}\n"}) + "\n"
+                             for i, ((p, c), v) in enumerate(zip((ADD, SUB, MUL), (10, 4, 21)))))
+    out = save_ckpt(coder_model(), CODE_TMP / "coder")
+    p = run_eval(f"--out_dir={out}", "--tasks=humaneval", f"--task_file={probs}", "--code_max_new_tokens=40",
+                 "--device=cpu")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "eval.json").read_text())["ckpt.pt"]["tasks"]["humaneval"]
+    recs = [json.loads(l) for l in (out / "humaneval_samples.jsonl").read_text().splitlines()]
+    assert [x["completion"] for x in recs[:2]] == [ADD[1], SUB[1]], recs
+    assert [x["passed"] for x in recs] == [True, True, False], recs
+    assert abs(r["pass@1"] - 2 / 3) < 1e-9 and r["n"] == 3 and r["temperature"] == 0.0
+    assert "pass@1 (n=1, T=0)" in p.stdout
+    # sampling: 4 per problem, pass@1 and pass@4 from each problem's count, the same twice with the seed
+    model = coder_model()
+    items = E.read_humaneval(probs)
+    a = E.code_generate(model, BYTE, "humaneval", items, [], 4, 1.0, 0.95, 40, contextlib.nullcontext())
+    b = E.code_generate(model, BYTE, "humaneval", items, [], 4, 1.0, 0.95, 40, contextlib.nullcontext())
+    assert a == b and all(len(v) == 4 for v in a.values()) and len(set(a["Mini/2"])) > 1, a
+    # sample s of problem i is row i*4+s: each problem's samples come from its own prompt
+    assert ADD[1] in a["Mini/0"] and SUB[1] not in a["Mini/0"], a
+    assert SUB[1] in a["Mini/1"] and ADD[1] not in a["Mini/1"], a
+    res, recs = E.score_code("humaneval", items, a, [1, 4], workers=2)
+    c = [sum(x["passed"] for x in recs if x["task_id"] == it["task_id"]) for it in items]
+    assert c[2] == 0 and len(recs) == 12  # mul was never taught
+    assert abs(res["pass@1"] - np.mean([E.pass_at_k(4, x, 1) for x in c])) < 1e-12
+    assert abs(res["pass@4"] - np.mean([E.pass_at_k(4, x, 4) for x in c])) < 1e-12
+
+
+# ----- code: the sandbox contains what a completion may do -----
+
+
+def test_code_sandbox_infinite_loop_killed_in_time():
+    t0 = time.time()
+    r = sandboxed("while True:\n    pass\n", timeout=1.5)
+    assert r.status == "timeout" and "1.5 s" in r.reason, r
+    assert time.time() - t0 < 1.5 + 1.0, time.time() - t0
+    # a loop that ignores SIGTERM and sleeps in a child that left the process group is killed as well
+    r = sandboxed("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                  "if os.fork() == 0:\n    os.setsid()\n    print('child', flush=True)\n    time.sleep(60)\n"
+                  "time.sleep(60)\n", timeout=1.5)
+    assert r.status == "timeout" and "child" in r.stdout, r
+    time.sleep(0.2)
+    assert live_processes(r.workdir) == [], "a sandboxed process outlived its run"
+
+
+def test_code_sandbox_fork_bomb_contained():
+    """Every process forks until the process limit stops it; at the timeout all of them are gone."""
+    r = sandboxed("import os, time\nfor _ in range(1000):\n    try:\n        if os.fork() == 0:\n"
+                  "            print('forked', flush=True)\n    except OSError:\n        pass\ntime.sleep(60)\n",
+                  timeout=2, max_procs=16)
+    assert r.status == "timeout", r
+    assert 1 <= r.stdout.count("forked") < 16, r.stdout.count("forked")  # the limit held
+    time.sleep(0.2)
+    assert live_processes(r.workdir) == []
+    assert sandboxed("print('after')").stdout == "after\n"  # the machine can still start processes
+
+
+def test_code_sandbox_memory_and_file_size_bombs():
+    t0 = time.time()
+    r = sandboxed("a = []\nfor _ in range(24):\n    a.append(bytearray(64 << 20))\n", memory_mb=512)  # 1.5 GB
+    assert r.status == "fail" and "MemoryError" in r.reason and time.time() - t0 < 5, r
+    r = sandboxed("open('big', 'wb').write(b'x' * (64 << 20))\n", max_file_mb=8)
+    assert r.status == "fail" and "File too large" in r.reason, r  # Python ignores SIGXFSZ: the write fails
+    t0 = time.time()
+    r = sandboxed("while True:\n    pass\n", timeout=10, cpu_seconds=1)
+    assert r.status == "fail" and "SIGXCPU (CPU time limit)" in r.reason and time.time() - t0 < 5, r
+
+
+def test_code_sandbox_files_outside_the_workdir():
+    """With a uid of its own (this process is root) the program cannot write into the test's folders nor
+    delete or change the test's canary; without one (not root) it could, and the test says so."""
+    caps = S.capabilities()
+    d = CODE_TMP / "outside"
+    d.mkdir(exist_ok=True)
+    os.chmod(d, 0o755)  # readable by all, writable by its owner only
+    canary = d / "canary.txt"
+    canary.write_text("alive")
+    os.chmod(canary, 0o644)
+    r = sandboxed(f"import os\nopen({str(d / 'escaped.txt')!r}, 'w').write('x')\n")
+    r2 = sandboxed(f"import os\nos.remove({str(canary)!r})\n")
+    r3 = sandboxed(f"open({str(canary)!r}, 'w').write('dead')\n")
+    r4 = sandboxed(f"open({str(CODE_TMP / 'escaped.txt')!r}, 'w').write('x')\n")  # a 0700 folder of root's
+    r5 = sandboxed("open('inside.txt', 'w').write('ok')\nimport os\nassert os.listdir('.') == ['inside.txt']\n")
+    assert r5.status == "pass", r5  # its own working directory: empty at the start, writable
+    if caps["drop_uid"]:
+        for x in (r, r2, r3, r4):
+            assert x.status == "fail" and "PermissionError" in x.reason, x
+        assert not (d / "escaped.txt").exists() and not (CODE_TMP / "escaped.txt").exists()
+        assert canary.read_text() == "alive"
+        assert "uid 0" not in sandboxed("import os\nprint('uid', os.getuid())").stdout
+    else:
+        print("  note: not root, no uid of its own: the program can write where this user can")
+        assert r.status == "pass" and (d / "escaped.txt").exists()
+
+
+def test_code_sandbox_environment_and_secrets():
+    """A secret in the parent's environment is in neither os.environ nor /proc of the sandbox, and the
+    parent's /proc/PID/environ cannot be read (another uid)."""
+    secret = "sk-fake-" + os.urandom(8).hex()
+    os.environ["FAKE_API_KEY_FOR_TEST"] = secret
+    try:
+        r = sandboxed("import os\nprint(dict(os.environ))\n"
+                      "for p in ('/proc/self/environ', '/proc/%d/environ'):\n    try:\n"
+                      "        print(open(p, 'rb').read())\n    except OSError as e:\n"
+                      "        print(p, type(e).__name__)\n" % os.getpid())
+    finally:
+        del os.environ["FAKE_API_KEY_FOR_TEST"]
+    assert r.status == "pass", r
+    assert secret not in r.stdout and "FAKE_API_KEY" not in r.stdout
+    env = ast_literal(r.stdout.splitlines()[0])
+    assert set(env) == {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR"} and env["PATH"] == "/usr/bin:/bin", env
+    if S.capabilities()["drop_uid"]:
+        assert f"/proc/{os.getpid()}/environ PermissionError" in r.stdout, r.stdout
+    r = sandboxed("import sys\nx = sys.stdin.read()\nassert x == '', x\n")  # stdin is /dev/null
+    assert r.status == "pass", r
+
+
+def ast_literal(s):
+    import ast
+    return ast.literal_eval(s)
+
+
+def test_code_sandbox_network():
+    """A server listens on 127.0.0.1: from the sandbox the connection fails when a network namespace could be
+    made (detected at run time); otherwise it connects, and the test says so."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    srv.settimeout(0.5)
+    port = srv.getsockname()[1]
+    try:
+        r = sandboxed(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                      "s.sendall(b'leak')\n")
+        try:
+            conn, _ = srv.accept()
+            conn.close()
+            accepted = True
+        except socket.timeout:
+            accepted = False
+    finally:
+        srv.close()
+    if S.capabilities()["net_isolated"]:
+        assert r.status == "fail" and ("unreachable" in r.reason or "OSError" in r.reason), r
+        assert not accepted
+    else:
+        print("  note: no network namespace here: the sandbox can reach 127.0.0.1")
+        assert r.status == "pass" and accepted
+
+
+def test_code_sandbox_exit_tricks_do_not_pass():
+    """Exit code 0 alone is never a pass: sys.exit(0) (in the completion or inside check), os._exit(0),
+    a fork whose child runs to the end while the parent exits 0, a printed or guessed token."""
+    it = he0()
+    good = it["canonical_solution"]
+    assert sandboxed(E.code_program("humaneval", it, good)).status == "pass"
+    tricks = {
+        "sys.exit in the function": "    import sys\n    sys.exit(0)\n",
+        "sys.exit at module level": good + "import sys\nsys.exit(0)\n",
+        "os._exit before the check": "    return True\nimport os\nos._exit(0)\n",
+        "os._exit in the function": "    import os\n    os._exit(0)\n",
+        "os._exit(0) in an atexit": "    return True\nimport atexit, os\natexit.register(os._exit, 0)\n",
+        "fork: the child exits 0 first": "    return True\nimport os, time\nif os.fork() == 0:\n    os._exit(0)\n"
+                                         "time.sleep(0.1)\n",
+        "print a token": "    return True\nimport os\nprint('PASS ' + 'a' * 32)\nos._exit(0)\n",
+        "write guessed tokens": "    return True\nimport os\nfor fd in range(3, 64):\n    try:\n"
+                                "        os.write(fd, b'PASS ' + b'0' * 32)\n    except OSError:\n        pass\n"
+                                "os._exit(0)\n",
+    }
+    for name, comp in tricks.items():
+        r = sandboxed(E.code_program("humaneval", it, comp))
+        assert r.status == "fail", (name, r)
+
+
+def test_code_sandbox_monkey_patching_does_not_pass():
+    """Replacing builtins, AssertionError, print, sys.stdout, os.write or os._exit does not turn a wrong
+    answer into a pass, nor a right one into a failure (the launcher keeps its own references)."""
+    it = he0()
+    patch = ("import builtins, io, os, sys\nbuiltins.AssertionError = type('Never', (Exception,), {})\n"
+             "builtins.print = lambda *a, **k: None\nsys.stdout = io.StringIO()\nsys.stderr = io.StringIO()\n"
+             "os.write = lambda fd, b: len(b)\nos._exit = lambda code: None\nsys.exit = lambda *a: None\n"
+             "builtins.BaseException = type('B', (Exception,), {})\nbuiltins.type = lambda *a: int\n")
+    wrong = "    return True\n" + patch
+    r = sandboxed(E.code_program("humaneval", it, wrong))
+    assert r.status == "fail" and "AssertionError" in r.reason, r
+    right = it["canonical_solution"] + patch
+    assert sandboxed(E.code_program("humaneval", it, right)).status == "pass"
+    # assert statements stay on (no -O, PYTHONOPTIMIZE never reaches the child)
+    os.environ["PYTHONOPTIMIZE"] = "2"
+    try:
+        assert sandboxed("assert False, 'checked'").status == "fail"
+    finally:
+        del os.environ["PYTHONOPTIMIZE"]
+    # the known limit (not a security sandbox): an object that equals everything satisfies `==` checks
+    always = "    class A:\n        __eq__ = lambda s, o: True\n    return A()\n"
+    assert sandboxed(E.code_program("humaneval", it, always)).status == "pass"
+
+
+def test_code_sandbox_output_flood():
+    """100 MB on stdout (and on stderr): the run is killed at the cap, the parent keeps only the cap."""
+    for stream in ("stdout", "stderr"):
+        t0 = time.time()
+        r = sandboxed(f"import sys\nfor _ in range(100):\n    sys.{stream}.write('x' * (1 << 20))\n",
+                      max_output=1 << 20, timeout=20)
+        assert r.status == "fail" and f"output over the 1048576-byte limit on {stream}" in r.reason, r
+        assert len(getattr(r, stream)) <= 1 << 20 and time.time() - t0 < 10
+    r = sandboxed("print('x' * 1000)\n")  # under the cap: kept whole
+    assert r.status == "pass" and r.stdout == "x" * 1000 + "\n"
+
+
+def test_code_sandbox_survives_all_in_parallel():
+    """The tricks at once on 4 workers: each scored as alone."""
+    progs = ["while True: pass", "import os\nos._exit(0)", "import sys\nsys.exit(0)", "print('ok')",
+             "a = bytearray(10 ** 11)", "assert 1 == 2"]
+    rs = E.run_programs(progs * 2, workers=4, timeout=2)
+    assert [r.status for r in rs] == ["timeout", "fail", "fail", "pass", "fail", "fail"] * 2, [r.reason for r in rs]
+
+
 # ----- finetune / dpo / chat: finetune.py, dpo.py, chat_data.py, sample.py --chat -----
 
 FT_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-ft-tests-"))
