@@ -273,10 +273,10 @@ def accumulate_gradients(model, batches, n_items, autocast, ddp, scaler=None, lo
     mean loss over every item (target token, or DPO pair) of the GLOBAL batch: each micro-batch's summed loss
     is divided by the number of items over all micro-steps and ranks (n_items is this rank's count; the ranks'
     counts are summed here). A mean per micro-batch would give a micro-batch of 2 reply tokens the weight of
-    one of 61 (transformers fixed that in 4.46). Under DDP, gradients are all-reduced (averaged) on the last
-    micro-step only, hence the factor world_size. `batches` may be lazy: the next one is loaded while the
-    device still runs the last backward. Returns the global mean loss as a 0-dim tensor on the device (no
-    host sync: read it when logging)."""
+    one of 61 (transformers fixed that in 4.46). Under DDP or FSDP, gradients are averaged over the ranks on
+    the last micro-step only (see no_sync), hence the factor world_size. `batches` may be lazy: the next one
+    is loaded while the device still runs the last backward. Returns the global mean loss as a 0-dim tensor
+    on the device (no host sync: read it when logging)."""
     import torch
     dev = next(model.parameters()).device
     world = torch.distributed.get_world_size() if ddp else 1
@@ -288,7 +288,7 @@ def accumulate_gradients(model, batches, n_items, autocast, ddp, scaler=None, lo
     nxt = next(it, None)
     while nxt is not None:
         batch, nxt = nxt, next(it, None)
-        with nullcontext() if not ddp or nxt is None else model.no_sync():
+        with nullcontext() if not ddp or nxt is None else no_sync(model):
             with autocast:  # the forward only: backward runs in the forward's dtypes anyway
                 s = loss_sum(model, batch)
             loss = s * (world / n)
@@ -297,6 +297,21 @@ def accumulate_gradients(model, batches, n_items, autocast, ddp, scaler=None, lo
     if ddp:
         torch.distributed.all_reduce(total)
     return total / n
+
+
+@contextmanager
+def no_sync(model):
+    """No gradient sync in this backward (gradients accumulate locally; the last micro-step syncs them all):
+    DDP's no_sync, or FSDP2's set_requires_gradient_sync(False), which skips the reduce-scatter."""
+    if not hasattr(model, "set_requires_gradient_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def optimizer_step(optimizer, params, lr, grad_clip, scaler=None):
@@ -310,6 +325,8 @@ def optimizer_step(optimizer, params, lr, grad_clip, scaler=None):
         scaler.unscale_(optimizer)
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP's sharded (DTensor) gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
     # on the CPU the comparison costs nothing and skipping a multiply by 1 saves ~1.5% of a small step;
     # on a GPU it would wait for the device, and min(1, grad_clip / norm) is applied there instead
     if grad_clip > 0 and (norm.device.type != "cpu" or norm > grad_clip):

@@ -9,6 +9,7 @@ mean, as TRL does, so that its margin target 1/(2 beta) means the same for short
     python dpo.py                                           # out-sft on pydocs-pref -> out-dpo (offline)
     python dpo.py --init_from=out-sft-instr --data=../shared/data/instruction-data-with-preference.json
     python dpo.py --loss_type=ipo --beta=0.5 ; python dpo.py --label_smoothing=0.1   # IPO ; conservative DPO
+    torchrun --standalone --nproc_per_node=8 dpo.py --dp_shard=-1   # FSDP (see parallel.py)
 Logged (train and held-out): rewards/chosen and rewards/rejected = beta * (log pi - log ref) of each side,
 rewards/margins = their difference, rewards/accuracy = how often it is > 0, and pref_accuracy = how often
 the model itself gives the chosen reply the higher log-prob (the reference's is printed at step 0).
@@ -21,6 +22,7 @@ import torch
 from common import (Progress, StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler,
                     metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
+import parallel
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -57,6 +59,9 @@ grad_clip = 1.0
 # system
 device = "auto"
 dtype = "auto"
+dp_shard = 1               # FSDP degree: 1 = no sharding (DDP), -1 = all ranks (as train.py)
+activation_checkpointing = False
+cpu_offload = False        # FSDP only
 seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -72,7 +77,9 @@ if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
+mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload)  # None: not sharded
 dtype, autocast = precision(device, dtype)
+autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
 
 model, base, tok = C.load_start(init_from, device, grow_vocab=True)  # so that a model lacking them gets here:
@@ -114,8 +121,12 @@ def all_logps(pairs, desc=None):
     out = torch.zeros(2, len(pairs), device=device)
     mine = list(range(rank, len(pairs), world_size))
     progress = Progress(len(mine), desc, " pairs") if desc and master else None
-    for i in range(0, len(mine), batch_size):
+    # FSDP's forwards are collective: every rank runs as many batches (a short share scores a spare one)
+    for i in range(0, -(-len(pairs) // world_size) if mesh is not None else len(mine), batch_size):
         ix = mine[i:i + batch_size]
+        if not ix:
+            logps(pairs[:1])
+            continue
         c, r = logps([pairs[j] for j in ix])
         out[0, ix], out[1, ix] = c.float(), r.float()
         if progress:
@@ -128,6 +139,8 @@ def all_logps(pairs, desc=None):
 
 
 raw_model = model
+model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, False, cpu_offload, dtype)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)  # FSDP's params
 t0 = time.time()
 # the reference: the weights we start from, scored once; training never runs it again
 ref_train = all_logps(train_set, "reference log-probs (train)")
@@ -158,11 +171,6 @@ def show(step, ev):
               f"accuracy {s['rewards/accuracy']:.3f} | pref accuracy {s['pref_accuracy']:.3f}")
 
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if ddp:
-    from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                                    broadcast_buffers=False)
 log = metrics_log(out_dir, master)
 
 
@@ -225,12 +233,14 @@ while step < max_iters:
         if master:
             show(step, ev)
             log({"step": step, **flat(ev)})
-            if ev["val"]["loss"] < best_val:
-                best_val, best_ev = ev["val"]["loss"], ev
+        if ev["val"]["loss"] < best_val:  # the same on every rank (all-reduced log-probs)
+            best_val, best_ev = ev["val"]["loss"], ev
+            state = parallel.plain_state(raw_model, optimizer)  # every rank: FSDP gathers the shards
+            if master:
                 summary = {"init_from": init_from, "data": data, "step": step, "loss_type": loss_type, "beta": beta,
                            "val_before": ev_before["val"], "val": ev["val"]}
-                save_checkpoint(C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
-                                                      "dpo", summary), ckpt_path)
+                save_checkpoint({**C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
+                                                         "dpo", summary), **state}, ckpt_path)
                 print(f"saved {ckpt_path} (best held-out DPO loss so far)")
 
 if master:
@@ -240,4 +250,5 @@ if master:
           f"{a['rewards/margins']:+.3f}, reward accuracy {a['rewards/accuracy']:.3f}; checkpoint {ckpt_path} "
           f"(chat: python sample.py --out_dir={out_dir} --chat=True)")
 if ddp:
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -7,6 +7,7 @@ are ignored. The base checkpoint is only read; the result goes to its own out_di
     python finetune.py --data=../shared/data/instruction-data.json --out_dir=out-sft-instr
     python finetune.py --init_from=gpt2 --data=alpaca --block_size=512 --out_dir=out-sft-gpt2
     torchrun --standalone --nproc_per_node=8 finetune.py --init_from=gpt2 --data=alpaca
+    torchrun --standalone --nproc_per_node=8 finetune.py --dp_shard=-1   # FSDP (see parallel.py)
 then chat with it (python sample.py --out_dir=out-sft --chat=True) or align it (python dpo.py).
 """
 import time
@@ -16,6 +17,7 @@ import torch
 from common import (StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler, metrics_log,
                     optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
+import parallel
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -48,6 +50,9 @@ grad_clip = 1.0            # 0 disables
 # system
 device = "auto"
 dtype = "auto"             # 'auto': bfloat16 on CUDA, float32 elsewhere
+dp_shard = 1               # FSDP degree: 1 = no sharding (DDP), -1 = all ranks (as train.py)
+activation_checkpointing = False
+cpu_offload = False        # FSDP only
 seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -59,7 +64,9 @@ if max_iters < 0 or max_examples < 0 or eval_examples < 0 or block_size < 0:
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
+mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload)  # None: not sharded
 dtype, autocast = precision(device, dtype)
+autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
 
 # the model: the chat tokens get embedding rows if it has none (a GPT-2 import)
@@ -82,18 +89,18 @@ if master:
     print(f"{data}: {len(train_set)} train examples ({n_tok} assistant tokens), {len(val_set)} held out; "
           f"{max_iters} steps of {rows_per_step} examples")
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 raw_model = model
-if ddp:
-    from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                                    broadcast_buffers=False)
+model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, False, cpu_offload, dtype)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)  # FSDP's params
+mine = val_set[rank::world_size]
+if mesh is not None:  # FSDP's forwards are collective: equal shares, topped up with an example of no target
+    mine += [(val_set[0][0], [0] * len(val_set[0][1]))] * (-(-len(val_set) // world_size) - len(mine))
 
 
 def held_out_loss():
     """Mean cross-entropy per assistant token over the held-out examples (each rank a share, summed)."""
     model.eval()
-    total, count = C.masked_loss_sums(raw_model, val_set[rank::world_size], batch_size, tok.eot_id, device, autocast)
+    total, count = C.masked_loss_sums(raw_model, mine, batch_size, tok.eot_id, device, autocast)
     model.train()
     if ddp:
         t = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -143,20 +150,23 @@ while step < max_iters:
         t_eval = time.time()
         val = held_out_loss()
         t_last += time.time() - t_eval
+        improved = val < best_val  # the same on every rank (all-reduced)
         if master:
-            improved = val < best_val
             print(f"step {step}: held-out masked loss {val:.4f}" + (" (best: saving)" if improved else ""))
             log({"step": step, "val_loss": val})
-            if improved:
-                best_val = val
+        if improved:
+            best_val = val
+            state = parallel.plain_state(raw_model, optimizer)  # every rank: FSDP gathers the shards
+            if master:
                 summary = {"init_from": init_from, "data": data, "step": step, "val_loss_before": val_before,
                            "val_loss": val}
-                save_checkpoint(C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
-                                                      "sft", summary), ckpt_path)
+                save_checkpoint({**C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
+                                                         "sft", summary), **state}, ckpt_path)
 
 if master:
     print(f"done in {fmt_time(time.time() - t0)}: held-out masked loss {val_before:.4f} -> {best_val:.4f}; "
           f"checkpoint {ckpt_path} (chat: python sample.py --out_dir={out_dir} --chat=True; "
           f"align: python dpo.py --init_from={out_dir})")
 if ddp:
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -254,8 +254,19 @@ def load_model(init_from, out_dir, device="cpu", grow_vocab=False):
     Hugging Face layout (with its own tokenizer: hf_tokenizer).
     grow_vocab: a model with fewer embedding rows than the tokenizer has tokens (GPT-2's 50257 lack the chat
     tokens) gets new rows, up to a multiple of 64 (fine-tuning then learns them); otherwise that is an error.
-    Returns (model, checkpoint or None, tokenizer)."""
-    if init_from == "resume":
+    A sharded checkpoint (out_dir/ckpt/ of an FSDP run, or an init_from directory holding one) is read
+    whole into one process, with no process group: DCP reassembles the shards.
+    Returns (model, checkpoint or None, tokenizer); a sharded one's checkpoint holds no tensors but the RNG's."""
+    import parallel
+    if init_from not in ("resume", None) and os.path.isdir(init_from) and parallel.sharded_dir(Path(init_from) / "ckpt"):
+        init_from, out_dir = "resume", init_from  # finetune.py --init_from=a train.py out_dir of dp_shard > 1
+    found = parallel.find_checkpoint(out_dir) if init_from == "resume" else None
+    if found and found[1]:
+        ckpt = parallel.load_extra(found[0])
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(parallel.full_state_dict(found[0]))
+        tok = T.from_spec(ckpt["tokenizer"])
+    elif init_from == "resume":
         # on the CPU: RNG states must stay CPU tensors, and the optimizer state need not reach the GPU
         ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", map_location="cpu")
         model = GPT(GPTConfig(**ckpt["model_args"]))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -701,6 +702,233 @@ def test_train_bad_inputs_exit_2_and_keep_checkpoint():
                              "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0", check=None),
                       "inf or NaN first at step", "untouched")
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+# ----- parallel: FSDP2 (dp_shard), activation checkpointing, sharded DCP checkpoints (-k fsdp, -k parallel) -----
+
+import parallel
+
+PAR_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-parallel-tests-"))
+PAR_ARGS = ["--max_iters=12", "--eval_interval=4", "--total_batch_size=512", "--eval_iters=3"]  # 3: uneven over 2 ranks
+
+
+def torchrun(script, *args, timeout=240):
+    return subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **RUN_ENV})
+
+
+def train2(out, *extra):
+    p = torchrun("train.py", f"--data_root={tiny_data()}", f"--out_dir={out}", *TINY, *PAR_ARGS, *extra)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out):
+    return [(r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(out) if "loss" in r or "val_loss" in r]
+
+
+def sharded_weights(out):
+    return parallel.full_state_dict(Path(out) / "ckpt")
+
+
+def _runs():
+    """The runs several tests compare, made once: one plain process, and 2 FSDP ranks (dp_shard=2) of the
+    same global batch and seed."""
+    one, fsdp = PAR_TMP / "one", PAR_TMP / "fsdp"
+    if not (one / "ckpt.pt").exists():
+        train(one, *PAR_ARGS)
+    if not (fsdp / "ckpt").exists():
+        p = train2(fsdp, "--dp_shard=2")
+        assert "FSDP: 2 shards x 1 replica(s)" in p.stdout, p.stdout
+    return one, fsdp
+
+
+def test_fsdp_two_ranks_match_one_process():
+    one, fsdp = _runs()
+    a, b = losses(one), losses(fsdp)
+    assert len(a) == len(b) == 16 and [s for s, _ in a] == [s for s, _ in b]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) < 1e-5, (a, b)
+    na, nb = [r["grad_norm"] for r in read_metrics(one) if "loss" in r], [r["grad_norm"] for r in read_metrics(fsdp) if "loss" in r]
+    assert len(na) == 12 and all(abs(x - y) < 1e-5 for x, y in zip(na, nb)), (na, nb)  # the norm over all shards
+    wa, wb = _weights(one)["model"], sharded_weights(fsdp)
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+    assert not (fsdp / "ckpt.pt").exists() and (fsdp / "ckpt" / "extra.pt").exists()
+
+
+def test_fsdp_sigkill_resume_is_exact_and_continues_in_one_process():
+    """2 FSDP ranks with activation checkpointing, SIGKILLed after the step-8 checkpoint and resumed, end with
+    bitwise the weights and losses of the uninterrupted run without it (so activation checkpointing changes
+    nothing either); the step-8 sharded checkpoint also continues in one plain process (1e-5)."""
+    _, full = _runs()
+    cut, solo = PAR_TMP / "ac-cut", PAR_TMP / "ac-solo"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--data_root={tiny_data()}", f"--out_dir={cut}", *TINY, *PAR_ARGS, "--dp_shard=2",
+           "--activation_checkpointing=True"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **RUN_ENV}, start_new_session=True)
+    for line in proc.stdout:  # after the checkpoint of step 8, before the end
+        if line.startswith("step 10/"):
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert parallel.load_extra(cut / "ckpt")["step"] == 8
+    shutil.copytree(cut, solo)
+    train2(cut, "--dp_shard=2", "--activation_checkpointing=True", "--init_from=resume")
+    a, b = sharded_weights(full), sharded_weights(cut)
+    assert parallel.load_extra(cut / "ckpt")["step"] == 12
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert dict(losses(full)) == dict(losses(cut))  # (the killed run's lines of steps 9-10 are logged again)
+    p = train(solo, *PAR_ARGS, "--init_from=resume")  # 2 ranks' shards into one plain process
+    assert "resuming from" in p.stdout and "at step 8" in p.stdout
+    la, lb = dict(losses(full)), dict(losses(solo))
+    for s in range(9, 13):
+        assert abs(la[s] - lb[s]) < 1e-5, (s, la[s], lb[s])
+
+
+def test_sharded_checkpoint_loads_and_exports_for_sampling():
+    """hf.load_model (sample.py, eval.py, finetune.py) reads the sharded out_dir/ckpt/ into one plain process,
+    and `python parallel.py OUT_DIR` exports it to a ckpt.pt: both greedy-sample the text of the model at
+    that step (the plain process's run of the same batches)."""
+    one, fsdp = _runs()
+    exported = PAR_TMP / "exported"
+    shutil.copytree(fsdp, exported)
+
+    def greedy(m):
+        return [int(t[0]) for t in m.generate(torch.tensor([[0]]), 40, temperature=0)]
+    m, ck, tok = H.load_model("resume", fsdp, "cpu")
+    assert ck["step"] == 12 and tok.kind == "byte"
+    ref = M.GPT(M.GPTConfig(**_weights(one)["model_args"]))
+    ref.load_state_dict(_weights(one)["model"])
+    text = greedy(m)
+    x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert text == greedy(ref) and (m(x)[0] - ref(x)[0]).abs().max() < 1e-4
+    run(["parallel.py", str(exported)], check=0)
+    e = _weights(exported)
+    assert e["step"] == 12 and len(e["rng"]["torch"]) == 2 and e["optimizer"]["state"]
+    m2, _, _ = H.load_model("resume", exported, "cpu")  # ckpt.pt, the newer of the two
+    assert greedy(m2) == text
+    p = run(["sample.py", f"--out_dir={fsdp}", "--start=ROMEO:", "--max_new_tokens=20", "--temperature=0",
+             "--num_samples=1", "--device=cpu"], check=0)
+    assert "ROMEO:" in p.stdout
+
+
+def test_activation_checkpointing_changes_nothing():
+    """In one process, with dropout (its masks must be replayed in the recompute): the same losses and
+    gradients, bitwise, with and without activation checkpointing."""
+    torch.manual_seed(0)
+    cfg = M.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.2)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    out = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        m = M.GPT(cfg)
+        calls, mlp = [], m.transformer.h[0].mlp
+        mlp.forward = lambda h, f=mlp.forward: (calls.append(1), f(h))[1]  # (hooks do not see the recompute)
+        net = parallel.parallelize(m, None, False, "cpu", activation_checkpointing=ac)
+        torch.manual_seed(5)
+        loss = net(x, x)[1]
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in m.parameters()]))
+        assert len(calls) == 1 + ac  # with it, the backward runs the block's forward again
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
+def _bytes(tensors):
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+
+
+def test_fsdp_memory_per_rank_is_one_nth():
+    """N fake ranks in one process: after a real sharded optimizer step, one rank holds exactly 1/N of the
+    bytes of the parameters, gradients and AdamW state (exp_avg, exp_avg_sq; the 0-dim step counters are
+    not sharded and left out) that DDP keeps on every rank. Every dimension 0 divides by 8: no padding.
+    HSDP (8 ranks, dp_shard=4: 2 replicas) holds 1/4."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.distributed.device_mesh import init_device_mesh
+    cfg = M.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    x = torch.randint(0, 64, (2, 16))
+
+    def held(world, dp_shard):
+        torch.manual_seed(0)
+        m = M.GPT(cfg)
+        mesh = None
+        if world:
+            torch.distributed.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+            mesh = init_device_mesh("cpu", (world // dp_shard, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+        try:
+            net = parallel.parallelize(m, mesh, False, "cpu")
+            opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+            net(x, x)[1].backward()
+            opt.step()
+            params = list(m.parameters())
+            state = [v for p in params for k, v in opt.state[p].items() if k != "step"]
+            assert all(hasattr(p, "to_local") for p in params) == bool(world)
+            return _bytes(params), _bytes([p.grad for p in params]), _bytes(state)
+        finally:
+            if world:
+                torch.distributed.destroy_process_group()
+    ddp = held(0, 0)
+    assert ddp[0] == ddp[1] and ddp[2] == 2 * ddp[0]
+    for n in (1, 2, 4, 8):
+        assert [b * n for b in held(n, n)] == list(ddp), n
+    assert [b * 4 for b in held(8, 4)] == list(ddp)
+
+
+def test_finetune_and_dpo_with_fsdp_match_one_process():
+    """finetune.py and dpo.py with dp_shard=2 on 2 ranks (x2 micro-steps, so gradient sync is skipped on the
+    first) log the losses of one process with the same global batch; uneven held-out shares (9 examples, 5
+    pairs) exercise the spare forwards; the SFT checkpoint (gathered to rank 0) matches the plain one."""
+    base = tiny_base(FT_TMP / "base")
+    sft = ["finetune.py", f"--init_from={base}", f"--data={shared_file('instruction-data.json')}", "--max_iters=6",
+           "--eval_interval=3", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu", "--log_interval=1",
+           "--max_examples=64", "--eval_examples=9", "--block_size=128"]
+    s1, s2 = PAR_TMP / "sft1", PAR_TMP / "sft2"
+    run([*sft, f"--out_dir={s1}", "--batch_size=8"], check=0)
+    p = torchrun(*sft, f"--out_dir={s2}", "--batch_size=2", "--grad_accum=2", "--dp_shard=2")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    dpo = ["dpo.py", f"--init_from={s1}", f"--data={shared_file('instruction-data-with-preference.json')}",
+           "--max_iters=4", "--eval_interval=2", "--device=cpu", "--log_interval=1", "--max_pairs=32",
+           "--eval_pairs=5", "--learning_rate=1e-3", "--block_size=128"]
+    d1, d2 = PAR_TMP / "dpo1", PAR_TMP / "dpo2"
+    run([*dpo, f"--out_dir={d1}", "--batch_size=4"], check=0)
+    p = torchrun(*dpo, f"--out_dir={d2}", "--batch_size=1", "--grad_accum=2", "--dp_shard=2")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for a, b, keys in ((s1, s2, ("loss", "val_loss")), (d1, d2, ("loss", "val/loss", "train/loss"))):
+        ra, rb = read_metrics(a), read_metrics(b)
+        assert len(ra) == len(rb) and [r["step"] for r in ra] == [r["step"] for r in rb]
+        got = [(k, r[k], q[k]) for r, q in zip(ra, rb) for k in keys if k in r]
+        assert len(got) >= 6 and all(abs(x - y) < 1e-5 for _, x, y in got), got
+    wa, wb = _weights(s1)["model"], _weights(s2)["model"]
+    assert set(wa) == set(wb) and all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
+    m, _, _ = H.load_model("resume", d2, "cpu")  # the DPO result is a plain checkpoint like any other
+
+
+def test_parallel_bad_input_is_one_clear_line():
+    tiny = [f"--data_root={tiny_data()}", f"--out_dir={PAR_TMP / 'bad'}", *TINY, "--max_iters=1"]
+    assert_clear_error(run(["train.py", *tiny, "--dp_shard=3"]), "dp_shard=3", "divisor of the world size 1")
+    assert_clear_error(run(["train.py", *tiny, "--cpu_offload=True"]), "cpu_offload", "FSDP")
+    assert_clear_error(run(["finetune.py", f"--init_from={tiny_base(FT_TMP / 'base')}", "--dp_shard=0",
+                            f"--out_dir={PAR_TMP / 'bad-sft'}"]), "dp_shard=0")
+    assert_clear_error(run(["dpo.py", "--dp_shard=-2", f"--out_dir={PAR_TMP / 'bad-dpo'}"]), "dp_shard=-2")
+    # a sharded checkpoint into a model of another shape
+    _, fsdp = _runs()
+    cfg = M.GPTConfig(**{**parallel.load_extra(fsdp / "ckpt")["model_args"], "n_embd": 32})
+    other = M.GPT(cfg)
+    err = expect_die(parallel.load_sharded, fsdp / "ckpt", other, other.configure_optimizers(0, 1e-3, (0.9, 0.95), "cpu"))
+    assert "does not fit this model" in err and "(320, 64) there, (320, 32) here" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    # resuming with another shape: the checkpoint's own record of the shape disagrees with its tensors
+    broken = PAR_TMP / "broken"
+    shutil.copytree(fsdp, broken)
+    extra = parallel.load_extra(broken / "ckpt")
+    torch.save({**extra, "model_args": {**extra["model_args"], "n_layer": 3}}, broken / "ckpt" / "extra.pt")
+    assert_clear_error(train(broken, *PAR_ARGS[1:], "--max_iters=14", "--init_from=resume", check=None),
+                       "does not fit this model", "transformer.h.2")
 
 
 # ----- model: model.py and sample.py (python test_all.py -k model ; -k sample) -----

@@ -4,6 +4,7 @@ Pretrain a GPT on token shards from prepare.py: one CPU or GPU, or many with tor
     python train.py                                   # the default: a small Llama-style model on pydocs, CPU ok
     python train.py config/shakespeare_char.py --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+    torchrun --standalone --nproc_per_node=8 train.py --dp_shard=-1     # FSDP: weights sharded over the 8
 """
 import math
 import time
@@ -15,6 +16,7 @@ import torch
 
 from common import (StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler, load_checkpoint,
                     metrics_log, optimizer_step, precision, restore_rng, rng_states, save_checkpoint, setup_ddp)
+import parallel
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -71,6 +73,9 @@ cooldown_frac = 0.2        # wsd only: the share of steps spent decaying
 device = "auto"            # 'auto' picks cuda, then mps, then cpu
 dtype = "auto"             # 'auto': bfloat16 on CUDA, float32 elsewhere (bf16 matmuls are very slow on CPU)
 compile = None             # None: on for CUDA, off elsewhere
+dp_shard = 1               # FSDP degree: 1 = no sharding (DDP), -1 = all ranks; the rest of the ranks are replicas (HSDP)
+activation_checkpointing = False   # recompute each block's activations in the backward (less memory, ~1/3 more compute)
+cpu_offload = False        # FSDP only: keep the sharded weights, gradients and optimizer state in CPU memory
 seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -87,6 +92,8 @@ if lr_schedule not in ("cosine", "wsd"):
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
+mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload)  # None: not sharded
+fsdp = mesh is not None
 tokens_per_micro = batch_size * block_size * world_size
 if total_batch_size % tokens_per_micro:
     die(f"total_batch_size={total_batch_size} must be a multiple of batch_size*block_size*world_size="
@@ -94,13 +101,16 @@ if total_batch_size % tokens_per_micro:
 grad_accum = total_batch_size // tokens_per_micro
 lr_decay_iters = lr_decay_iters or max_iters
 dtype, autocast = precision(device, dtype)
+autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
 if compile is None:
     compile = device_type == "cuda"
 out = Path(out_dir)
-ckpt_path = out / "ckpt.pt"
-if init_from == "scratch" and ckpt_path.exists() and not eval_only:
-    die(f"{ckpt_path} already exists: continue it with --init_from=resume, or train into another --out_dir")
+# one process and DDP write out/ckpt.pt; FSDP writes out/ckpt/, a sharded DCP directory (parallel.save_sharded)
+ckpt_path = out / ("ckpt" if fsdp else "ckpt.pt")
+found = parallel.find_checkpoint(out)  # (path, sharded) of the newer one; either kind resumes under any layout
+if init_from == "scratch" and found and not eval_only:
+    die(f"{found[0]} already exists: continue it with --init_from=resume, or train into another --out_dir")
 
 # -----------------------------------------------------------------------------
 # data: memory-mapped shards, random windows. Every rank draws the same global batch of window
@@ -152,14 +162,19 @@ import model as M
 
 data_vocab = meta["vocab_size"]
 ckpt = None
-if init_from == "resume" or eval_only and ckpt_path.exists():
-    ckpt = load_checkpoint(ckpt_path)  # on the CPU: the RNG states must stay CPU tensors
+if init_from == "resume" and not found:
+    load_checkpoint(out / "ckpt.pt")  # the usual error: nothing to resume
+if init_from == "resume" or eval_only and found:
+    resume_path, sharded = found
+    # on the CPU: the RNG states must stay CPU tensors. A sharded one's tensors are read after parallelize
+    ckpt = parallel.load_extra(resume_path) if sharded else load_checkpoint(resume_path)
     if ckpt["meta"]["vocab_size"] != data_vocab or ckpt["tokenizer"]["kind"] != meta["tokenizer"]["kind"]:
-        die(f"{ckpt_path} was trained on a {ckpt['tokenizer']['kind']} tokenizer of {ckpt['meta']['vocab_size']} "
+        die(f"{resume_path} was trained on a {ckpt['tokenizer']['kind']} tokenizer of {ckpt['meta']['vocab_size']} "
             f"tokens but {data_vocab}-token {meta['tokenizer']['kind']} data is in {data_dir}: "
             f"use the same dataset/tokenizer or another --out_dir")
     model = M.GPT(M.GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    if not sharded:
+        model.load_state_dict(ckpt["model"])
 elif init_from == "scratch":
     padded = math.ceil(data_vocab / pad_vocab) * pad_vocab
     model = M.GPT(M.GPTConfig(vocab_size=padded, block_size=block_size, n_layer=n_layer, n_head=n_head,
@@ -181,29 +196,28 @@ if block_size > model.config.block_size:
 if block_size < model.config.block_size and init_from not in ("scratch", "resume"):
     model.crop_block_size(block_size)  # as nanoGPT: GPT-2's 1024 positions cut to the trained context
 model.to(device)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+raw_model = model  # the module whose state we save (FSDP shards it in place)
+model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, compile, cpu_offload, dtype)
+# after parallelize: FSDP replaces the parameters with sharded ones, which the optimizer must hold
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 train_gen = torch.Generator().manual_seed(seed)
 step, best_val_loss = 0, float("inf")
+if ckpt is not None and sharded:
+    parallel.load_sharded(resume_path, raw_model, optimizer if init_from == "resume" else None)
 if ckpt is not None and init_from == "resume":
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if not sharded:
+        optimizer.load_state_dict(ckpt["optimizer"])
     step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
     train_gen.set_state(ckpt["rng"]["data"])
     restore_rng(ckpt["rng"], rank, world_size, device_type)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if master:
-        print(f"resuming from {ckpt_path} at step {step}")
+        print(f"resuming from {resume_path} at step {step}")
 del ckpt  # free memory
-raw_model = model
-if compile:
-    model = torch.compile(model)
-if ddp:
-    from torch.nn.parallel import DistributedDataParallel
-    # no buffer changes in training (the RoPE tables are constants): nothing to broadcast every forward
-    model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                                    broadcast_buffers=False)
 if master:
-    print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {device} {dtype}, "
+    layout = f"FSDP: {mesh.shape[1]} shards x {mesh.shape[0]} replica(s), " if fsdp else ""
+    print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {device} {dtype}, {layout}"
           f"{world_size} rank(s) x {grad_accum} micro-steps x {batch_size}x{block_size} = {total_batch_size} tokens/step")
 
 tok_bytes = {s: meta[s]["bytes"] / meta[s]["tokens"] if meta[s].get("bytes") else None for s in ("train", "val")}
@@ -224,6 +238,10 @@ def evaluate():
                 with autocast:
                     _, loss = raw_model(*get_batch(split, ix))  # not DDP's forward: ranks score unequal counts
                 total += loss.float()
+        # FSDP's forward gathers weights with the other ranks: a rank with one batch fewer runs a spare one
+        if fsdp and rank >= eval_iters % world_size > 0:
+            with autocast:
+                raw_model(*get_batch(split, ix))
         if ddp:
             torch.distributed.all_reduce(total)
         result[split] = total.item() / eval_iters
@@ -233,13 +251,17 @@ def evaluate():
     return result
 
 
-def checkpoint():
-    """The checkpoint's contents; every rank calls it (the ranks' RNG states are gathered), rank 0 saves."""
-    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_args": asdict(raw_model.config), "config": config, "step": step,
-            "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "meta": meta,
-            "rng": {"data": train_gen.get_state(), **rng_states(ddp, device_type)},
-            "scaler": scaler.state_dict() if scaler is not None else None}
+def save():
+    """Every rank calls it (the ranks' RNG states are gathered; FSDP's ranks each write their shards);
+    a plain checkpoint is written by rank 0."""
+    extra = {"model_args": asdict(raw_model.config), "config": config, "step": step,
+             "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "meta": meta,
+             "rng": {"data": train_gen.get_state(), **rng_states(ddp, device_type)},
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    if fsdp:
+        parallel.save_sharded(ckpt_path, raw_model, optimizer, extra)
+    elif master:
+        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, ckpt_path)
 
 
 jsonl = metrics_log(out, master)
@@ -277,10 +299,7 @@ while True:
             print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{bpb}")
             log({"step": step, "train_loss": ev["train"], "val_loss": ev["val"], "val_bpb": ev.get("val_bpb")})
         if step > start_step and (improved or always_save_checkpoint) and not eval_only:
-            ck = checkpoint()
-            if master:
-                save_checkpoint(ck, ckpt_path)
-            del ck
+            save()
         if t_last is not None:
             t_last += time.time() - t_eval  # evaluation time is not training time
     if step == max_iters or eval_only:
@@ -323,18 +342,21 @@ while True:
             log({"step": step, "loss": lossf, "lr": lr, "grad_norm": normf, "time": round(now - t_start, 3)})
         t_last, timed_steps = now, 0
 
-if master:
-    if sample_at_end and not eval_only:
-        import tokenizer as T
-        tok = T.from_spec(meta["tokenizer"])
+if sample_at_end and not eval_only and (master or fsdp):  # FSDP: every rank runs the forwards, rank 0 prints
+    import tokenizer as T
+    tok = T.from_spec(meta["tokenizer"])
+    with parallel.gathered(raw_model):
         gen = raw_model.generate(torch.tensor([[tok.eot_id]], device=device), max_new_tokens=120,
                                  temperature=0.8, top_k=200, seed=seed)
-        ids = [int(t[0]) for t in gen]
-        if tok.eot_id in ids:
-            ids = ids[:ids.index(tok.eot_id)]
+        ids = [int(t[0]) for t in gen if int(t[0]) < tok.n_vocab]  # a padded vocabulary row has no text
+    if tok.eot_id in ids:
+        ids = ids[:ids.index(tok.eot_id)]
+    if master:
         print("-" * 40 + "\n" + tok.decode(ids) + "\n" + "-" * 40)
+if master:
     print(f"done in {fmt_time(time.time() - t_start)}: best val loss {best_val_loss:.4f}"
           + (f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else "")
           + (f"; checkpoint {ckpt_path} (sample it with: python sample.py --out_dir={out_dir})" if ckpt_path.exists() else ""))
 if ddp:
+    torch.distributed.barrier()  # no rank tears the group down while another still writes or reads
     torch.distributed.destroy_process_group()
