@@ -101,6 +101,19 @@ def expect_die(fn, *args, **kwargs):
     raise AssertionError(f"{fn.__name__} did not die")
 
 
+def static_server(site):
+    """A quiet HTTP server of the folder site on 127.0.0.1 (a free port), serving in a daemon thread."""
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(site), **kw)
+
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def one_thread(fn):
     """Tiny models gain nothing from a second thread, and on a busy 2-core machine every parallel region
     waits for a descheduled worker (30x slower here): run these tests on one thread."""
@@ -1088,7 +1101,8 @@ def test_model_from_pretrained_cache_and_offline():
         assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ours.state_dict().values()))
         # nothing cached and no network (a closed local port stands in for an offline machine)
         env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HUB_CACHE=str(Path(tmp) / 'hub'))
-        r = subprocess.run([sys.executable, '-c', f"import hf; hf.from_pretrained('gpt2-xl', cache_dir={str(cache)!r})"],
+        r = subprocess.run([sys.executable, '-c', "import time; time.sleep = lambda s: None; "  # the retries' backoff, not waited out
+                            f"import hf; hf.from_pretrained('gpt2-xl', cache_dir={str(cache)!r})"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
         assert 'could not download' in r.stderr and '--init_from=' in r.stderr, r.stderr
@@ -3041,14 +3055,7 @@ def test_eval_downloads_through_prepare():
             {"question": {"stem": "Hot?", "choices": [{"text": "sun", "label": "A"}, {"text": "ice", "label": "B"}]},
              "answerKey": "A"}) + "\n")
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(site), **kw)
-
-        def log_message(self, *a):
-            pass
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = static_server(site)
     old = (os.environ.get("PREPARE_MIRROR"), E.data_root, E.task_file)
     os.environ["PREPARE_MIRROR"] = f"http://127.0.0.1:{server.server_address[1]}"
     E.data_root, E.task_file = str(EVAL_TMP / "dl"), ""
@@ -3495,14 +3502,7 @@ def test_code_downloads_through_the_helper():
     (site / "HumanEval.jsonl.gz").write_bytes(shared_file("eval/HumanEval.jsonl.gz").read_bytes())
     (site / "mbpp.jsonl").write_text("".join(shared_file("eval/mbpp_test.jsonl").read_text().splitlines(True)[:5]))
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(site), **kw)
-
-        def log_message(self, *a):
-            pass
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = static_server(site)
     dl = CODE_TMP / "dl"
     try:
         with mock.patch.dict(os.environ, {"PREPARE_MIRROR": f"http://127.0.0.1:{server.server_address[1]}"}), \
