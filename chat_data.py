@@ -288,11 +288,12 @@ def load_start(init_from, device, grow_vocab=False):
     return load_model(init_from, None, device, grow_vocab=grow_vocab)
 
 
-def finetune_checkpoint(model, optimizer, config, step, best_val_loss, tok, base, stage, summary):
+def finetune_checkpoint(model, state, config, step, best_val_loss, tok, base, stage, summary):
     """train.py's checkpoint keys (so load_model, sample.py and eval read it as any other), plus the chat
-    template it was trained with and a record of the stage: {'stage', 'init_from', 'data', figures...}."""
+    template it was trained with and a record of the stage: {'stage', 'init_from', 'data', figures...}.
+    state: the {'model', 'optimizer'} state dicts (parallel.plain_state: whole tensors, also under FSDP)."""
     from dataclasses import asdict
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
+    return {**state, "model_args": asdict(model.config),
             "config": config, "step": step, "best_val_loss": best_val_loss,
             "tokenizer": base["tokenizer"] if base else tok.spec,
             "meta": base.get("meta", {}) if base else {}, "rng": {"torch": torch.get_rng_state()},

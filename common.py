@@ -353,7 +353,7 @@ class StepChecks:
     clear error: call check() before every log line and before every checkpoint is written."""
 
     def __init__(self, fp16):
-        self.fp16, self.skipped, self.first_bad = fp16, 0, None
+        self.fp16, self.skipped = fp16, 0
         self.loss = self.grad_norm = self._bad = self._first = None
 
     def record(self, step, loss, grad_norm, bad):

@@ -239,8 +239,8 @@ while step < max_iters:
             if master:
                 summary = {"init_from": init_from, "data": data, "step": step, "loss_type": loss_type, "beta": beta,
                            "val_before": ev_before["val"], "val": ev["val"]}
-                save_checkpoint({**C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
-                                                         "dpo", summary), **state}, ckpt_path)
+                save_checkpoint(C.finetune_checkpoint(raw_model, state, config, step, best_val, tok, base, "dpo",
+                                                      summary), ckpt_path)
                 print(f"saved {ckpt_path} (best held-out DPO loss so far)")
 
 if master:

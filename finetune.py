@@ -160,8 +160,8 @@ while step < max_iters:
             if master:
                 summary = {"init_from": init_from, "data": data, "step": step, "val_loss_before": val_before,
                            "val_loss": val}
-                save_checkpoint({**C.finetune_checkpoint(raw_model, optimizer, config, step, best_val, tok, base,
-                                                         "sft", summary), **state}, ckpt_path)
+                save_checkpoint(C.finetune_checkpoint(raw_model, state, config, step, best_val, tok, base, "sft",
+                                                      summary), ckpt_path)
 
 if master:
     print(f"done in {fmt_time(time.time() - t0)}: held-out masked loss {val_before:.4f} -> {best_val:.4f}; "

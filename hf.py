@@ -1,8 +1,8 @@
 """
 Where models come from: load_model() gives the model and tokenizer of a checkpoint of ours, of a Hugging
-Face directory or of GPT-2 on the hub. And Hugging Face interop without extra packages: read and write safetensors, build a GPT from a local
-GPT2LMHeadModel or LlamaForCausalLM directory (config.json + weights), write one back that transformers
-loads, and fetch GPT-2's weights from the hub.
+Face directory or of GPT-2 on the hub. And Hugging Face interop without extra packages: read and write
+safetensors, build a GPT from a local GPT2LMHeadModel or LlamaForCausalLM directory (config.json + weights),
+write one back that transformers loads, and fetch GPT-2's weights from the hub.
 
 Export a checkpoint with its tokenizer (and chat template, for a fine-tuned one) for transformers:
 $ python hf.py --out_dir=out --save_dir=out-hf

@@ -219,7 +219,6 @@ def full_state_dict(path):
     return {k[len("model."):]: v for k, v in sd.items()}
 
 
-
 def export(out_dir):
     """out_dir/ckpt/ (sharded) -> out_dir/ckpt.pt, a plain checkpoint of the same step, optimizer included:
     train.py resumes it in one process (or DDP) exactly as it would the directory."""

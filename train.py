@@ -286,11 +286,17 @@ start_step, t_start = step, time.time()
 t_last, timed_steps, train_time, steps_done = None, 0, 0.0, 0  # the first step (compile, warm-up) is not timed
 rows_per_step = batch_size * grad_accum * world_size
 checks = StepChecks(fp16=scaler is not None)  # loss, grad norm and inf/NaN steps, read from the device when logging
+
+
+def what_is_saved():
+    """What the user still has, for the error that stops a run after an inf or NaN."""
+    return f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
+
+
 while True:
     if step % eval_interval == 0 or step == max_iters:
         t_eval = time.time()
-        saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
-        checks.check(saved)  # never save weights after an inf or NaN
+        checks.check(what_is_saved())  # never save weights after an inf or NaN
         ev = evaluate()
         improved = ev["val"] < best_val_loss  # the same on every rank (all-reduced)
         best_val_loss = min(best_val_loss, ev["val"])
@@ -320,8 +326,7 @@ while True:
         t_last, timed_steps = time.time(), 0
 
     if step % log_interval == 0:
-        saved = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.exists() else "no checkpoint was saved"
-        lossf, normf = checks.check(saved)  # every rank: all stop together
+        lossf, normf = checks.check(what_is_saved())  # every rank: all stop together
         now = time.time()
         if master and timed_steps:
             dt, t_last = now - t_last, now
