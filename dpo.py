@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (Progress, StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler,
+from common import (Progress, StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
                     metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 import parallel
@@ -249,6 +249,5 @@ if master:
           f"rejected): reference {b['pref_accuracy']:.3f} -> DPO {a['pref_accuracy']:.3f}; reward margin "
           f"{a['rewards/margins']:+.3f}, reward accuracy {a['rewards/accuracy']:.3f}; checkpoint {ckpt_path} "
           f"(chat: python sample.py --out_dir={out_dir} --chat=True)")
-if ddp:
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+del model, raw_model, optimizer  # what holds the process group goes before it (see common.end_ddp)
+end_ddp(ddp)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import (StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler, metrics_log,
+from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler, metrics_log,
                     optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 import parallel
@@ -167,6 +167,5 @@ if master:
     print(f"done in {fmt_time(time.time() - t0)}: held-out masked loss {val_before:.4f} -> {best_val:.4f}; "
           f"checkpoint {ckpt_path} (chat: python sample.py --out_dir={out_dir} --chat=True; "
           f"align: python dpo.py --init_from={out_dir})")
-if ddp:
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+del model, raw_model, optimizer  # what holds the process group goes before it (see common.end_ddp)
+end_ddp(ddp)

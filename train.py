@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (StepChecks, accumulate_gradients, configure, die, fmt_time, get_lr, grad_scaler, load_checkpoint,
+from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler, load_checkpoint,
                     metrics_log, optimizer_step, precision, restore_rng, rng_states, save_checkpoint, setup_ddp)
 import parallel
 import prepare
@@ -362,6 +362,5 @@ if master:
     print(f"done in {fmt_time(time.time() - t_start)}: best val loss {best_val_loss:.4f}"
           + (f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else "")
           + (f"; checkpoint {ckpt_path} (sample it with: python sample.py --out_dir={out_dir})" if ckpt_path.exists() else ""))
-if ddp:
-    torch.distributed.barrier()  # no rank tears the group down while another still writes or reads
-    torch.distributed.destroy_process_group()
+del model, raw_model, optimizer  # what holds the process group goes before it (see common.end_ddp)
+end_ddp(ddp)
