@@ -318,7 +318,7 @@ def no_sync(model):
     """No gradient sync in this backward (gradients accumulate locally; the last micro-step syncs them all):
     DDP's no_sync, or FSDP2's set_requires_gradient_sync(False), which skips the reduce-scatter."""
     if not hasattr(model, "set_requires_gradient_sync"):
-        with model.no_sync():
+        with model.no_sync() if hasattr(model, "no_sync") else nullcontext():  # tensor parallel alone: no sync
             yield
         return
     model.set_requires_gradient_sync(False)
@@ -328,7 +328,7 @@ def no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def optimizer_step(optimizer, params, lr, grad_clip, scaler=None):
+def optimizer_step(optimizer, params, lr, grad_clip, scaler=None, pp_group=None):
     """Unscale (float16), clip to a global L2 norm of grad_clip (0: never) and apply the gradients at lr, then
     clear them. A step whose gradients hold an inf or NaN changes no weight: float16's GradScaler skips it
     and lowers the scale; otherwise the fused optimizer gets found_inf, which skips its update on the device.
@@ -337,14 +337,24 @@ def optimizer_step(optimizer, params, lr, grad_clip, scaler=None):
     import torch
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # FSDP's sharded (DTensor) gradients: the norm over every rank's shards
-        norm = norm.full_tensor()
+    # grouped by device mesh: sharded (DTensor) gradients of FSDP or tensor parallel, whose norm covers every
+    # rank's shards, and the plain gradients of what tensor parallel leaves whole (the same on its ranks)
+    groups = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) for g in groups.values()]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    if pp_group is not None:  # pipeline stages hold different layers: the norm is over all of them
+        sq = norm.square()
+        torch.distributed.all_reduce(sq, group=pp_group)
+        norm = sq.sqrt()
     # on the CPU the comparison costs nothing and skipping a multiply by 1 saves ~1.5% of a small step;
     # on a GPU it would wait for the device, and min(1, grad_clip / norm) is applied there instead
     if grad_clip > 0 and (norm.device.type != "cpu" or norm > grad_clip):
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        for g in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(g, grad_clip, norm)
     bad = ~torch.isfinite(norm)
     for group in optimizer.param_groups:
         group["lr"] = lr

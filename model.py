@@ -155,7 +155,7 @@ class CausalSelfAttention(nn.Module):
                 # the query heads sharing a kv head become that head's "queries" (GQA without repeating K/V)
                 q = q.reshape(B, nkv, nh // nkv, hd)
                 y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1], attn_mask=mask)
-                return self.c_proj(y.view(B, 1, C))
+                return self.c_proj(y.view(B, 1, -1))
             assert pos == 0, "prefill starts at position 0 (so the causal mask is the plain one)"
         dropout = self.dropout if self.training else 0.0
         gqa = nkv != nh and sdpa_gqa(q.device.type, q.dtype)
@@ -163,7 +163,7 @@ class CausalSelfAttention(nn.Module):
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                            **({'enable_gqa': True} if gqa else {}))
-        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, -1))  # -1: this rank's heads under tensor parallel
         return F.dropout(y, dropout, True) if dropout else y
 
 
@@ -264,8 +264,11 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        # the fused kernel (CUDA, and CPU since torch 2.4) made the baby shakespeare_char step ~10% faster on CPU
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+        # the fused kernel (CUDA, and CPU since torch 2.4) made the baby shakespeare_char step ~10% faster on CPU;
+        # it takes one kind of tensor, and tensor parallel alone leaves whole tensors beside its DTensor slices
+        mixed = len({type(p) for p in params}) > 1
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu') and not mixed,
+                                 foreach=False if mixed else None)
 
     @torch.no_grad()
     def resize_vocab(self, new_vocab_size):

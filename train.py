@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -74,6 +75,7 @@ device = "auto"            # 'auto' picks cuda, then mps, then cpu
 dtype = "auto"             # 'auto': bfloat16 on CUDA, float32 elsewhere (bf16 matmuls are very slow on CPU)
 compile = None             # None: on for CUDA, off elsewhere
 dp_shard = 1               # FSDP degree: 1 = no sharding (DDP), -1 = all ranks; the rest of the ranks are replicas (HSDP)
+tp = 1                     # tensor-parallel degree: each block's matrices split over this many ranks (keep it in a node)
 activation_checkpointing = False   # recompute each block's activations in the backward (less memory, ~1/3 more compute)
 cpu_offload = False        # FSDP only: keep the sharded weights, gradients and optimizer state in CPU memory
 seed = 1337
@@ -92,11 +94,13 @@ if lr_schedule not in ("cosine", "wsd"):
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
-mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload)  # None: not sharded
-fsdp = mesh is not None
-tokens_per_micro = batch_size * block_size * world_size
+mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload, tp, cfg=SimpleNamespace(
+    n_head=n_head, n_kv_head=n_kv_head or n_head, n_layer=n_layer))  # None: not sharded (one process, DDP)
+on_mesh = mesh is not None  # FSDP and/or tensor parallel: a sharded checkpoint
+dp_rank, dp_world = parallel.data_rank(mesh, rank, world_size)  # one tensor-parallel group reads the same rows
+tokens_per_micro = batch_size * block_size * dp_world
 if total_batch_size % tokens_per_micro:
-    die(f"total_batch_size={total_batch_size} must be a multiple of batch_size*block_size*world_size="
+    die(f"total_batch_size={total_batch_size} must be a multiple of batch_size*block_size*data-parallel ranks="
         f"{tokens_per_micro}")
 grad_accum = total_batch_size // tokens_per_micro
 lr_decay_iters = lr_decay_iters or max_iters
@@ -107,7 +111,7 @@ if compile is None:
     compile = device_type == "cuda"
 out = Path(out_dir)
 # one process and DDP write out/ckpt.pt; FSDP writes out/ckpt/, a sharded DCP directory (parallel.save_sharded)
-ckpt_path = out / ("ckpt" if fsdp else "ckpt.pt")
+ckpt_path = out / ("ckpt" if on_mesh else "ckpt.pt")
 found = parallel.find_checkpoint(out)  # (path, sharded) of the newer one; either kind resumes under any layout
 if init_from == "scratch" and found and not eval_only:
     die(f"{found[0]} already exists: continue it with --init_from=resume, or train into another --out_dir")
@@ -216,7 +220,7 @@ if ckpt is not None and init_from == "resume":
         print(f"resuming from {resume_path} at step {step}")
 del ckpt  # free memory
 if master:
-    layout = f"FSDP: {mesh.shape[1]} shards x {mesh.shape[0]} replica(s), " if fsdp else ""
+    layout = parallel.describe(mesh) if on_mesh else ""
     print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {device} {dtype}, {layout}"
           f"{world_size} rank(s) x {grad_accum} micro-steps x {batch_size}x{block_size} = {total_batch_size} tokens/step")
 
@@ -234,17 +238,17 @@ def evaluate():
         total = torch.zeros((), device=device)
         for k in range(eval_iters):
             ix = sample_windows(split, gen, batch_size)  # every rank draws every batch: the same ones as 1 rank
-            if k % world_size == rank:
+            if k % dp_world == dp_rank:
                 with autocast:
                     _, loss = raw_model(*get_batch(split, ix))  # not DDP's forward: ranks score unequal counts
                 total += loss.float()
         # FSDP's forward gathers weights with the other ranks: a rank with one batch fewer runs a spare one
-        if fsdp and rank >= eval_iters % world_size > 0:
+        if on_mesh and dp_rank >= eval_iters % dp_world > 0:
             with autocast:
                 raw_model(*get_batch(split, ix))
         if ddp:
             torch.distributed.all_reduce(total)
-        result[split] = total.item() / eval_iters
+        result[split] = total.item() / eval_iters / tp  # the tp ranks of a group hold the same losses
         if tok_bytes[split]:
             result[f"{split}_bpb"] = result[split] / math.log(2) / tok_bytes[split]
     model.train()
@@ -258,7 +262,7 @@ def save():
              "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "meta": meta,
              "rng": {"data": train_gen.get_state(), **rng_states(ddp, device_type)},
              "scaler": scaler.state_dict() if scaler is not None else None}
-    if fsdp:
+    if on_mesh:
         parallel.save_sharded(ckpt_path, raw_model, optimizer, extra)
     elif master:
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, ckpt_path)
@@ -284,7 +288,7 @@ def log(record):
 
 start_step, t_start = step, time.time()
 t_last, timed_steps, train_time, steps_done = None, 0, 0.0, 0  # the first step (compile, warm-up) is not timed
-rows_per_step = batch_size * grad_accum * world_size
+rows_per_step = batch_size * grad_accum * dp_world
 checks = StepChecks(fp16=scaler is not None)  # loss, grad norm and inf/NaN steps, read from the device when logging
 
 
@@ -313,7 +317,7 @@ while True:
 
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
-    rows = [(m * world_size + rank) * batch_size for m in range(grad_accum)]
+    rows = [(m * dp_world + dp_rank) * batch_size for m in range(grad_accum)]
     batches = (get_batch("train", ix[r:r + batch_size]) for r in rows)  # lazy: loaded one micro-step ahead
     loss = accumulate_gradients(model, batches, batch_size * block_size * grad_accum, autocast, ddp, scaler)
     grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler)
@@ -347,16 +351,16 @@ while True:
             log({"step": step, "loss": lossf, "lr": lr, "grad_norm": normf, "time": round(now - t_start, 3)})
         t_last, timed_steps = now, 0
 
-if sample_at_end and not eval_only and (master or fsdp):  # FSDP: every rank runs the forwards, rank 0 prints
-    import tokenizer as T
-    tok = T.from_spec(meta["tokenizer"])
-    with parallel.gathered(raw_model):
-        gen = raw_model.generate(torch.tensor([[tok.eot_id]], device=device), max_new_tokens=120,
-                                 temperature=0.8, top_k=200, seed=seed)
-        ids = [int(t[0]) for t in gen if int(t[0]) < tok.n_vocab]  # a padded vocabulary row has no text
-    if tok.eot_id in ids:
-        ids = ids[:ids.index(tok.eot_id)]
+if sample_at_end and not eval_only:
+    gpt = parallel.whole_model(raw_model) if on_mesh else raw_model  # under a mesh: a plain copy on rank 0
     if master:
+        import tokenizer as T
+        tok = T.from_spec(meta["tokenizer"])
+        gen = gpt.to(device).generate(torch.tensor([[tok.eot_id]], device=device), max_new_tokens=120,
+                                      temperature=0.8, top_k=200, seed=seed)
+        ids = [int(t[0]) for t in gen if int(t[0]) < tok.n_vocab]  # a padded vocabulary row has no text
+        if tok.eot_id in ids:
+            ids = ids[:ids.index(tok.eot_id)]
         print("-" * 40 + "\n" + tok.decode(ids) + "\n" + "-" * 40)
 if master:
     print(f"done in {fmt_time(time.time() - t_start)}: best val loss {best_val_loss:.4f}"
