@@ -40,8 +40,8 @@ def layout(world_size, dp_shard=1, tp=1, pp=1, n_head=1, n_kv_head=1, n_layer=1,
     rest = world_size // (tp * pp)
     dp_shard = rest if dp_shard == -1 else dp_shard
     if not isinstance(dp_shard, int) or dp_shard < 1 or rest % dp_shard:
-        die(f"dp_shard={dp_shard} must be -1 (all ranks) or a positive divisor of the {rest} data-parallel "
-            f"rank(s) (world size {world_size} / tp {tp} / pp {pp})")
+        die(f"dp_shard={dp_shard} must be -1 (all ranks) or a positive divisor of the world size {world_size}"
+            + (f" / (tp x pp = {tp * pp}) = {rest}" if tp * pp > 1 else ""))
     if n_head % tp or n_kv_head % tp:
         die(f"tp={tp} must divide n_head={n_head} and n_kv_head={n_kv_head}: each rank holds whole heads")
     if pp > n_layer:

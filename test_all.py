@@ -771,6 +771,48 @@ def test_fsdp_two_ranks_match_one_process():
     assert not (fsdp / "ckpt.pt").exists() and (fsdp / "ckpt" / "extra.pt").exists()
 
 
+def test_tensor_parallel_two_ranks_match_one_process():
+    """tp=2 (each block's q, k, v, MLP and output projections split over 2 ranks, whole heads each) logs the
+    losses and grad norms of one plain process (1e-5) and ends with its weights (1e-4), read back fused from
+    the sharded checkpoint; the end sample runs on a gathered plain copy."""
+    one, _ = _runs()
+    tp = PAR_TMP / "tp"
+    p = train2(tp, "--tp=2", "--sample_at_end=True")
+    assert "tensor parallel 2" in p.stdout and p.stdout.count("-" * 40) == 2, p.stdout
+    a, b = losses(one), losses(tp)
+    assert len(a) == len(b) == 16 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
+    na, nb = [r["grad_norm"] for r in read_metrics(one) if "loss" in r], [r["grad_norm"] for r in read_metrics(tp) if "loss" in r]
+    assert all(abs(x - y) < 1e-5 for x, y in zip(na, nb)), (na, nb)
+    wa, wb = _weights(one)["model"], sharded_weights(tp)
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+
+
+def test_parallel_layout_errors_name_the_fix():
+    """Degrees that cannot be laid out stop with one line naming the problem (exit 2), checked before any
+    process group exists."""
+    cases = [(dict(world_size=4, tp=3), "tp=3 must be a positive divisor of the world size 4"),
+             (dict(world_size=4, dp_shard=3), "dp_shard=3 must be -1"),
+             (dict(world_size=2, tp=2, n_head=4, n_kv_head=1), "tp=2 must divide n_head=4 and n_kv_head=1"),
+             (dict(world_size=2, tp=2, n_head=6, n_kv_head=3), "tp=2 must divide n_head=6 and n_kv_head=3"),
+             (dict(world_size=4, pp=4, n_layer=2), "pp=4 is more pipeline stages than n_layer=2"),
+             (dict(world_size=2, cpu_offload=True), "cpu_offload=True needs FSDP"),
+             (dict(world_size=4, tp=2, n_head=4, n_kv_head=2), "add --dp_shard=-1")]
+    for kw, msg in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                parallel.layout(**kw)
+                raise AssertionError(f"{kw} was accepted")
+            except SystemExit as e:
+                assert e.code == 2, kw
+        assert msg in err.getvalue() and err.getvalue().count("\n") == 1, (kw, err.getvalue())
+    assert parallel.layout(world_size=8, dp_shard=-1, tp=2, n_head=4, n_kv_head=2) == \
+        {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 2}
+    assert parallel.layout(world_size=8, dp_shard=2, tp=2, n_head=4, n_kv_head=2)["dp_replicate"] == 2
+
+
 def test_fsdp_sigkill_resume_is_exact_and_continues_in_one_process():
     """2 FSDP ranks with activation checkpointing, SIGKILLed after the step-8 checkpoint and resumed, end with
     bitwise the weights and losses of the uninterrupted run without it (so activation checkpointing changes
