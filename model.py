@@ -312,7 +312,8 @@ class GPT(nn.Module):
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
-        x = self.transformer.wte(idx)
+        first = 'wte' in self.transformer  # a later pipeline stage (parallel.py) gets hidden states, not ids
+        x = self.transformer.wte(idx) if first else idx
         where, mask, rope = slice(pos, pos + T), None, None
         if pad is not None:
             cols = torch.arange(pos + T, device=idx.device)  # key columns; the queries are cols[pos:]
@@ -320,13 +321,15 @@ class GPT(nn.Module):
             where = (qc.T - pad[:, None]).clamp(min=0)  # (B, T) positions
             mask = ((cols <= qc) & ((cols >= pad[:, None, None]) | (cols == qc)))[:, None]  # (B, 1, T, pos + T)
         if self.config.pos == 'learned':
-            x = x + self.transformer.wpe.weight[where]
+            x = x + self.transformer.wpe.weight[where] if first else x
         else:  # (T, 1, hd), or (B, T, 1, hd) per row
             rope = (self.rope_cos[where], self.rope_sin[where])
-        if self.config.dropout and self.training:
+        if self.config.dropout and self.training and first:
             x = F.dropout(x, self.config.dropout, True)
-        for i, block in enumerate(self.transformer.h):
+        for i, block in enumerate(self.transformer.h.children()):
             x = block(x, rope, cache[i] if cache is not None else None, pos, mask)
+        if self.lm_head is None:  # not the last pipeline stage
+            return x
         if last_only:  # generation only needs the next-token logits: skip the rest of the lm_head
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))

@@ -9,8 +9,9 @@ finetune.py and dpo.py call it the same way:
 dp_shard is the FSDP degree (1: no sharding, -1: every rank); the data-parallel replicas are what the world
 size leaves, world = dp_replicate x dp_shard, so dp_replicate > 1 with dp_shard > 1 is HSDP. Each transformer
 block is one FSDP unit and the root (embeddings, tied lm_head, final norm) another, as in TorchTitan, whose
-order we follow: (tensor parallel: later), activation checkpointing, compile per block, FSDP.
-Tensor and pipeline parallelism would slot in as more mesh dimensions ahead of "dp_shard".
+order we follow: the pipeline cut, tensor parallel, activation checkpointing, compile per block, FSDP.
+tp (Megatron-style DTensor slices of each block's matrices) and pp (torch.distributed.pipelining stages,
+GPipe or 1F1B over the micro-steps) are more mesh dimensions: world = pp x dp_replicate x dp_shard x tp.
 """
 import os
 import re
@@ -54,6 +55,12 @@ def layout(world_size, dp_shard=1, tp=1, pp=1, n_head=1, n_kv_head=1, n_layer=1,
     return {"pp": pp, "dp_replicate": rest // dp_shard, "dp_shard": dp_shard, "tp": tp}
 
 
+def stage_layers(n_layer, pp):
+    """Layers of each pipeline stage: even, the earlier stages taking one more when uneven (the first stage
+    also holds the embeddings, the last the final norm and lm_head; plan.py counts them the same way)."""
+    return [n_layer // pp + (i < n_layer % pp) for i in range(pp)]
+
+
 def make_mesh(world_size, dp_shard, device_type, cpu_offload=False, tp=1, pp=1, cfg=None):
     """The DeviceMesh ('pp', 'dp_replicate', 'dp_shard', 'tp') of a sharded run (the order of TorchTitan:
     tensor parallel innermost, on the fastest links), or None when nothing is sharded (DDP: today's path).
@@ -70,7 +77,8 @@ def autocast_for(mesh, device, dtype, autocast):
     """The autocast context to train in: under FSDP on CUDA none, FSDP's MixedPrecisionPolicy casts instead
     (see parallelize). float16 needs a GradScaler over sharded gradients, which is not built here."""
     if mesh is not None and dtype == "float16":
-        die("dtype=float16 (loss scaling) is not supported with FSDP here: use --dtype=bfloat16 or float32")
+        die("dtype=float16 (loss scaling) is not supported with FSDP, tensor or pipeline parallel here: use "
+            "--dtype=bfloat16 or float32")
     return nullcontext() if mesh is not None and device.startswith("cuda") else autocast
 
 
@@ -184,6 +192,10 @@ def parallelize(model, mesh, ddp, device, activation_checkpointing=False, compil
     whole model, then DDP under torchrun. Under FSDP on CUDA the low-precision dtype is FSDP's
     MixedPrecisionPolicy (bf16/fp16 params in compute, fp32 gradient reduction; the caller then runs without
     autocast)."""
+    pp = _size(mesh, "pp") if mesh is not None else 1
+    if pp > 1 and model.config.tie_embeddings:
+        die(f"pp={pp} needs untied embeddings (a tied wte/lm_head would live on the first and the last stage): "
+            f"add --tie_embeddings=False")
     if mesh is None:  # today's path: the whole model compiled, then DDP
         if activation_checkpointing:
             for block in _blocks(model):
@@ -205,6 +217,8 @@ def parallelize(model, mesh, ddp, device, activation_checkpointing=False, compil
     if tp > 1 and model.config.dropout:
         die(f"dropout={model.config.dropout} with tp={tp} is not supported (each rank would drop its "
             f"own mask of the same activations): use --dropout=0.0")
+    if pp > 1:
+        _cut_stage(model, mesh["pp"].get_local_rank(), pp)
     split_fused(model)
     if tp > 1:
         _tensor_parallel(model, mesh["tp"])
@@ -232,6 +246,60 @@ def parallelize(model, mesh, ddp, device, activation_checkpointing=False, compil
     return model
 
 
+def _cut_stage(model, stage, pp):
+    """Keep only this pipeline stage's part of the GPT, in place: its blocks in a ModuleDict under their own
+    numbers (so the state dict's keys are the whole model's, and a pipeline checkpoint loads anywhere), the
+    embeddings on the first stage, the final norm and lm_head on the last (model.GPT._run skips what is gone)."""
+    layers = stage_layers(model.config.n_layer, pp)
+    first = sum(layers[:stage])
+    h = model.transformer.h
+    model.transformer.h = nn.ModuleDict({str(i): h[i] for i in range(first, first + layers[stage])})
+    if stage > 0:
+        for name in ("wte", "wpe"):
+            if name in model.transformer:
+                del model.transformer[name]
+    if stage < pp - 1:
+        del model.transformer["ln_f"]
+        model.lm_head = None
+    model.forward = model._run  # one tensor out (hidden states, or the last stage's logits): the schedule's loss
+
+
+def pipeline(model, mesh, device, n_microbatches, schedule, loss_fn):
+    """The torch.distributed.pipelining schedules of this rank's stage: (train, eval, first, last). train runs
+    a step's micro-steps as n_microbatches microbatches ('gpipe': all forwards, then all backwards; '1f1b':
+    one forward, one backward once the pipe is full, so a stage holds at most pp microbatches' activations)
+    with loss_fn(logits, targets) on the last stage; eval runs one batch forward, for the mean loss."""
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    pp_mesh = mesh["pp"]
+    stage, n = pp_mesh.get_local_rank(), pp_mesh.size()
+    kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    if schedule not in kinds:
+        die(f"pp_schedule='{schedule}' is not one of {', '.join(kinds)}")
+    if schedule == "1f1b" and n_microbatches < n:
+        die(f"pp_schedule='1f1b' needs at least pp={n} micro-steps per step, got {n_microbatches}: raise "
+            f"total_batch_size or lower batch_size (or use --pp_schedule=gpipe)")
+
+    def make(kind, micro, fn):  # the eval schedule gets a stage of its own: a schedule sizes its stage's buffers
+        return kind(PipelineStage(model, stage, n, torch.device(device), group=pp_mesh.get_group()), micro,
+                    loss_fn=fn, scale_grads=False)
+    mean_loss = lambda logits, y: F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1)
+    return make(kinds[schedule], n_microbatches, loss_fn), make(ScheduleGPipe, 1, mean_loss), stage == 0, stage == n - 1
+
+
+def pipeline_pass(schedule, first, last, x, y, device):
+    """One pass of a whole batch through the pipeline (forward and backward for a train schedule): the first
+    stage feeds x, the last scores y. Returns the sum of the microbatches' losses on the last stage, 0 elsewhere."""
+    losses = []
+    args = (x,) if first else ()
+    kw = dict(target=y, losses=losses) if last else {}
+    if torch.is_grad_enabled():
+        schedule.step(*args, **kw, return_outputs=False)
+    else:
+        schedule.eval(*args, **kw)
+    return torch.stack(losses).sum().detach() if losses else torch.zeros((), device=device)
+
+
 def _size(mesh, dim):  # a mesh built without some dimension (a test's 2-D one) has degree 1 there
     return mesh[dim].size() if dim in mesh.mesh_dim_names else 1
 
@@ -253,12 +321,20 @@ def describe(mesh):
     return ", ".join(out) + ", "
 
 
-def whole_model(model):
+def whole_model(model, mesh):
     """A plain copy of a model laid over a mesh, on rank 0 (None elsewhere; every rank calls it): the FSDP
-    shards and tensor-parallel slices gathered, q|k|v fused back. What generate() runs on at the end of a run."""
+    shards and tensor-parallel slices gathered, q|k|v fused back, the pipeline stages' parts put together.
+    What generate() runs on at the end of a run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     import model as M
-    sd = fuse(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    pp = _size(mesh, "pp")
+    # cpu_offload gathers onto global rank 0 only, which holds no later stage's part
+    sd = fuse(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=pp == 1)))
+    if pp > 1:  # each stage's part to rank 0, sent by the first rank of the stage's data/tensor-parallel group
+        first = all(c == 0 for c in mesh.get_coordinate()[1:])
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object({k: v.cpu() for k, v in sd.items()} if first else None, parts, dst=0)
+        sd = {k: v for p in parts or [] if p for k, v in p.items()}
     if dist.get_rank() != 0:
         return None
     plain = M.GPT(model.config)

@@ -789,6 +789,57 @@ def test_tensor_parallel_two_ranks_match_one_process():
         assert (wa[k] - wb[k]).abs().max() < 1e-4, k
 
 
+def test_pipeline_two_stages_match_one_process():
+    """pp=2 (the layers split over 2 ranks, torch.distributed.pipelining), with 1F1B and with GPipe over the
+    4 micro-steps of a step: the losses and grad norms of one plain process (1e-5), its weights (1e-4) in a
+    checkpoint whose keys are the whole model's; the end sample (the stages' parts put together on rank 0)
+    is the plain run's text; the pipeline checkpoint continues in one process with the plain run's losses."""
+    untied = ["--tie_embeddings=False", "--sample_at_end=True"]  # pp needs untied embeddings
+    one = PAR_TMP / "one-untied"
+    p1 = train(one, *PAR_ARGS, *untied)
+    sample = lambda p: p.stdout.split("-" * 40)[1]
+    for schedule in ("1f1b", "gpipe"):
+        out = PAR_TMP / f"pp-{schedule}"
+        p = train2(out, "--pp=2", f"--pp_schedule={schedule}", *untied)
+        assert "pipeline stages 2, 2 rank(s) x 4 micro-steps" in p.stdout, p.stdout
+        a, b = losses(one), losses(out)
+        assert len(a) == len(b) == 16 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (schedule, a, b)
+        na = [r["grad_norm"] for r in read_metrics(one) if "loss" in r]
+        nb = [r["grad_norm"] for r in read_metrics(out) if "loss" in r]
+        assert all(abs(x - y) < 1e-5 for x, y in zip(na, nb)), (na, nb)
+        wa, wb = _weights(one)["model"], sharded_weights(out)
+        assert set(wa) == set(wb) and all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa), schedule
+        assert sample(p) == sample(p1), (sample(p), sample(p1))
+    # the 2-stage checkpoint of step 12 resumed in one process, against the plain run resumed
+    solo, more = PAR_TMP / "pp-solo", PAR_TMP / "one-untied-more"
+    shutil.copytree(PAR_TMP / "pp-1f1b", solo)
+    shutil.copytree(one, more)
+    for out in (solo, more):
+        train(out, *PAR_ARGS[1:], "--max_iters=16", "--tie_embeddings=False", "--init_from=resume")
+    la, lb = dict(losses(more)), dict(losses(solo))
+    assert all(abs(la[s] - lb[s]) < 1e-5 for s in range(13, 17)), (la, lb)
+
+
+def test_pipeline_refusals_one_clear_line():
+    """A pipeline of tied embeddings, and 1F1B with fewer micro-steps than stages, stop with one line naming
+    the fix (in one process, over a fake 2-rank group: no torchrun needed)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.distributed.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2, 1, 1, 1), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+        cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+        err = expect_die(parallel.parallelize, M.GPT(M.GPTConfig(**cfg)), mesh, True, "cpu")
+        assert "pp=2 needs untied embeddings" in err and "--tie_embeddings=False" in err, err
+        m = parallel.parallelize(M.GPT(M.GPTConfig(**cfg, tie_embeddings=False)), mesh, True, "cpu")
+        assert list(m.transformer.h) == ["0"] and m.lm_head is None and "ln_f" not in m.transformer
+        err = expect_die(parallel.pipeline, m, mesh, "cpu", 1, "1f1b", None)
+        assert "needs at least pp=2 micro-steps per step, got 1" in err and err.count("\n") == 1, err
+        assert "not one of gpipe, 1f1b" in expect_die(parallel.pipeline, m, mesh, "cpu", 2, "zb", None)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_parallel_layout_errors_name_the_fix():
     """Degrees that cannot be laid out stop with one line naming the problem (exit 2), checked before any
     process group exists."""

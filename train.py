@@ -5,6 +5,7 @@ Pretrain a GPT on token shards from prepare.py: one CPU or GPU, or many with tor
     python train.py config/shakespeare_char.py --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
     torchrun --standalone --nproc_per_node=8 train.py --dp_shard=-1     # FSDP: weights sharded over the 8
+    torchrun --standalone --nproc_per_node=8 train.py --dp_shard=-1 --tp=2 --pp=2 --tie_embeddings=False
 """
 import math
 import time
@@ -76,6 +77,8 @@ dtype = "auto"             # 'auto': bfloat16 on CUDA, float32 elsewhere (bf16 m
 compile = None             # None: on for CUDA, off elsewhere
 dp_shard = 1               # FSDP degree: 1 = no sharding (DDP), -1 = all ranks; the rest of the ranks are replicas (HSDP)
 tp = 1                     # tensor-parallel degree: each block's matrices split over this many ranks (keep it in a node)
+pp = 1                     # pipeline stages: the layers split over this many ranks (needs tie_embeddings=False)
+pp_schedule = "1f1b"       # 'gpipe' | '1f1b': the micro-steps of a step are the pipeline's microbatches
 activation_checkpointing = False   # recompute each block's activations in the backward (less memory, ~1/3 more compute)
 cpu_offload = False        # FSDP only: keep the sharded weights, gradients and optimizer state in CPU memory
 seed = 1337
@@ -94,7 +97,7 @@ if lr_schedule not in ("cosine", "wsd"):
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
 device_type = device.split(":")[0]
-mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload, tp, cfg=SimpleNamespace(
+mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload, tp, pp, cfg=SimpleNamespace(
     n_head=n_head, n_kv_head=n_kv_head or n_head, n_layer=n_layer))  # None: not sharded (one process, DDP)
 on_mesh = mesh is not None  # FSDP and/or tensor parallel: a sharded checkpoint
 dp_rank, dp_world = parallel.data_rank(mesh, rank, world_size)  # one tensor-parallel group reads the same rows
@@ -200,10 +203,18 @@ if block_size > model.config.block_size:
 if block_size < model.config.block_size and init_from not in ("scratch", "resume"):
     model.crop_block_size(block_size)  # as nanoGPT: GPT-2's 1024 positions cut to the trained context
 model.to(device)
-raw_model = model  # the module whose state we save (FSDP shards it in place)
+raw_model = model  # the module whose state we save (FSDP shards it in place, a pipeline stage keeps its part)
+n_params = raw_model.num_params()
+with torch.device("meta"):  # the whole model's FLOPs for the MFU, shapes only: a pipeline stage is a part
+    flops_model = M.GPT(raw_model.config) if pp > 1 else raw_model
 model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, compile, cpu_offload, dtype)
 # after parallelize: FSDP replaces the parameters with sharded ones, which the optimizer must hold
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+pipe = None
+if pp > 1:  # each microbatch's summed loss over this rank's tokens of the step: FSDP averages over the ranks
+    tokens_per_rank = batch_size * block_size * grad_accum
+    pipe = parallel.pipeline(model, mesh, device, grad_accum, pp_schedule, lambda logits, y: torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum") / tokens_per_rank)
 train_gen = torch.Generator().manual_seed(seed)
 step, best_val_loss = 0, float("inf")
 if ckpt is not None and sharded:
@@ -221,10 +232,19 @@ if ckpt is not None and init_from == "resume":
 del ckpt  # free memory
 if master:
     layout = parallel.describe(mesh) if on_mesh else ""
-    print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {device} {dtype}, {layout}"
+    print(f"model: {n_params / 1e6:.2f}M parameters, {device} {dtype}, {layout}"
           f"{world_size} rank(s) x {grad_accum} micro-steps x {batch_size}x{block_size} = {total_batch_size} tokens/step")
 
 tok_bytes = {s: meta[s]["bytes"] / meta[s]["tokens"] if meta[s].get("bytes") else None for s in ("train", "val")}
+
+
+def score(batch):
+    """Mean loss of one batch: the model's own forward (not DDP's: ranks score unequal counts), or, in a
+    pipeline, the pass through every stage (the loss is on the last stage, 0 on the others)."""
+    with autocast:
+        if pipe is not None:
+            return parallel.pipeline_pass(pipe[1], *pipe[2:], *batch, device)
+        return raw_model(*batch)[1].float()
 
 
 @torch.no_grad()
@@ -239,13 +259,10 @@ def evaluate():
         for k in range(eval_iters):
             ix = sample_windows(split, gen, batch_size)  # every rank draws every batch: the same ones as 1 rank
             if k % dp_world == dp_rank:
-                with autocast:
-                    _, loss = raw_model(*get_batch(split, ix))  # not DDP's forward: ranks score unequal counts
-                total += loss.float()
+                total += score(get_batch(split, ix))
         # FSDP's forward gathers weights with the other ranks: a rank with one batch fewer runs a spare one
         if on_mesh and dp_rank >= eval_iters % dp_world > 0:
-            with autocast:
-                raw_model(*get_batch(split, ix))
+            score(get_batch(split, ix))
         if ddp:
             torch.distributed.all_reduce(total)
         result[split] = total.item() / eval_iters / tp  # the tp ranks of a group hold the same losses
@@ -318,9 +335,17 @@ while True:
     lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     rows = [(m * dp_world + dp_rank) * batch_size for m in range(grad_accum)]
-    batches = (get_batch("train", ix[r:r + batch_size]) for r in rows)  # lazy: loaded one micro-step ahead
-    loss = accumulate_gradients(model, batches, batch_size * block_size * grad_accum, autocast, ddp, scaler)
-    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler)
+    if pipe is None:
+        batches = (get_batch("train", ix[r:r + batch_size]) for r in rows)  # lazy: loaded one micro-step ahead
+        loss = accumulate_gradients(model, batches, batch_size * block_size * grad_accum, autocast, ddp, scaler)
+    else:  # this rank's rows of every micro-step in one batch, which the schedule cuts into its microbatches
+        with autocast:
+            loss = parallel.pipeline_pass(pipe[0], *pipe[2:], *get_batch("train", torch.cat(
+                [ix[r:r + batch_size] for r in rows])), device)
+        torch.distributed.all_reduce(loss)  # the last stage's losses, to every rank (each tp rank holds them)
+        loss /= dp_world * tp
+    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler,
+                                    mesh["pp"].get_group() if pp > 1 else None)
     checks.record(step, loss, grad_norm, bad)
     step += 1
     timed_steps += 1
@@ -336,7 +361,7 @@ while True:
             dt, t_last = now - t_last, now
             train_time, steps_done = train_time + dt, steps_done + timed_steps
             tok_s = total_batch_size * timed_steps / dt
-            mfu = raw_model.estimate_mfu(tok_s / world_size, device, block_size)
+            mfu = flops_model.estimate_mfu(tok_s / world_size, device, block_size)
             eta = train_time / steps_done * (max_iters - step)
             extra = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
@@ -352,7 +377,7 @@ while True:
         t_last, timed_steps = now, 0
 
 if sample_at_end and not eval_only:
-    gpt = parallel.whole_model(raw_model) if on_mesh else raw_model  # under a mesh: a plain copy on rank 0
+    gpt = parallel.whole_model(raw_model, mesh) if on_mesh else raw_model  # under a mesh: a plain copy on rank 0
     if master:
         import tokenizer as T
         tok = T.from_spec(meta["tokenizer"])
