@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -949,40 +950,46 @@ def _bytes(tensors):
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
 
-def test_fsdp_memory_per_rank_is_one_nth():
-    """N fake ranks in one process: after a real sharded optimizer step, one rank holds exactly 1/N of the
-    bytes of the parameters, gradients and AdamW state (exp_avg, exp_avg_sq; the 0-dim step counters are
-    not sharded and left out) that DDP keeps on every rank. Every dimension 0 divides by 8: no padding.
-    HSDP (8 ranks, dp_shard=4: 2 replicas) holds 1/4."""
+def _held_bytes(cfg, world, dp_shard, tp=1):
+    """Rank 0's bytes of {params, grads, optimizer} (AdamW's exp_avg and exp_avg_sq; the 0-dim step counters
+    are not sharded and left out) after a real forward, backward and optimizer step of a GPT laid out over
+    `world` fake ranks in this one process (world=0: one plain process, no group)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from torch.distributed.device_mesh import init_device_mesh
-    cfg = M.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-    x = torch.randint(0, 64, (2, 16))
-
-    def held(world, dp_shard):
-        torch.manual_seed(0)
-        m = M.GPT(cfg)
-        mesh = None
+    torch.manual_seed(0)
+    m = M.GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    mesh = None
+    if world:
+        torch.distributed.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+        shape, names = (world // dp_shard // tp, dp_shard), ("dp_replicate", "dp_shard")
+        if tp > 1:
+            shape, names = shape + (tp,), names + ("tp",)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    try:
+        net = parallel.parallelize(m, mesh, False, "cpu")
+        opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        net(x, x)[1].backward()
+        opt.step()
+        ps = list(m.parameters())
+        assert all(hasattr(p, "to_local") for p in ps) == bool(world)
+        state = [v for p in ps for k, v in opt.state[p].items() if k != "step"]
+        return {"params": _bytes(ps), "grads": _bytes([p.grad for p in ps]), "optimizer": _bytes(state)}
+    finally:
         if world:
-            torch.distributed.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
-            mesh = init_device_mesh("cpu", (world // dp_shard, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-        try:
-            net = parallel.parallelize(m, mesh, False, "cpu")
-            opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-            net(x, x)[1].backward()
-            opt.step()
-            params = list(m.parameters())
-            state = [v for p in params for k, v in opt.state[p].items() if k != "step"]
-            assert all(hasattr(p, "to_local") for p in params) == bool(world)
-            return _bytes(params), _bytes([p.grad for p in params]), _bytes(state)
-        finally:
-            if world:
-                torch.distributed.destroy_process_group()
-    ddp = held(0, 0)
+            torch.distributed.destroy_process_group()
+
+
+def test_fsdp_memory_per_rank_is_one_nth():
+    """N fake ranks in one process: after a real sharded optimizer step, one rank holds exactly 1/N of the
+    bytes of the parameters, gradients and AdamW state that DDP keeps on every rank. Every dimension 0
+    divides by 8: no padding. HSDP (8 ranks, dp_shard=4: 2 replicas) holds 1/4."""
+    cfg = M.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    ddp = list(_held_bytes(cfg, 0, 0).values())
     assert ddp[0] == ddp[1] and ddp[2] == 2 * ddp[0]
     for n in (1, 2, 4, 8):
-        assert [b * n for b in held(n, n)] == list(ddp), n
-    assert [b * 4 for b in held(8, 4)] == list(ddp)
+        assert [b * n for b in _held_bytes(cfg, n, n).values()] == ddp, n
+    assert [b * 4 for b in _held_bytes(cfg, 8, 4).values()] == ddp
 
 
 def test_finetune_and_dpo_with_fsdp_match_one_process():
@@ -1035,6 +1042,191 @@ def test_parallel_bad_input_is_one_clear_line():
     torch.save({**extra, "model_args": {**extra["model_args"], "n_layer": 3}}, broken / "ckpt" / "extra.pt")
     assert_clear_error(train(broken, *PAR_ARGS[1:], "--max_iters=14", "--init_from=resume", check=None),
                        "does not fit this model", "transformer.h.2")
+
+
+# ----- plan: plan.py (-k plan) -----
+
+import plan as P
+
+
+def plan_run(args):
+    """python plan.py ARGS in this process (runpy: a fresh module, torch already imported, ~20x quicker than a
+    subprocess): a CompletedProcess-like (returncode, stdout, stderr); an exception is exit 1 and its traceback."""
+    import runpy
+    from types import SimpleNamespace
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", ["plan.py", *args]), redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(str(ROOT / "plan.py"), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:
+            code = 1
+            err.write(traceback.format_exc())
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _state(m):
+    return sum(v for k, v in m.items() if k != "activations")
+
+
+def plan_run(args):
+    """python plan.py ARGS in this process (runpy: a fresh module, torch already imported, ~20x quicker than a
+    subprocess): a CompletedProcess-like (returncode, stdout, stderr); an exception becomes exit 1 and its traceback."""
+    import runpy
+    from types import SimpleNamespace
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", ["plan.py", *args]), redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(str(ROOT / "plan.py"), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:
+            code = 1
+            err.write(traceback.format_exc())
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_plan_hand_worked_numbers():
+    """Bytes per parameter (ZeRO paper), the exact parameter counts, Chinchilla tokens, wall time and the
+    activation formulas on cases worked by hand."""
+    gpt2 = P.model_config("gpt2", block_size=1024)[0]
+    assert P.count_params(gpt2) == 124_439_808  # GPT-2 small, tied embeddings
+    assert P.count_params(P.model_config("124M", block_size=1024)[0]) == 124_439_808
+    assert P.count_params(P.model_config("7B")[0]) == 6_738_415_616  # Llama-2-7B's published count
+    assert P.count_params(P.model_config("70B")[0]) == 68_976_648_192  # Llama-2-70B's
+    assert P.count_params(P.model_config("1B")[0]) == 1_235_814_400  # Llama-3.2-1B's (tied)
+    assert P.chinchilla_tokens(124_439_808) == 2_488_796_160
+    cfg = P.model_config("7B")[0]
+    n = P.count_params(cfg)
+    one = P.memory(cfg, 1, zero=0)  # one GPU, no DDP wrapper: 4 + 4 + 8
+    assert (one["params"], one["grads"], one["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    assert _state(P.memory(cfg, 8, zero=0)) == 20 * n  # DDP on 8: + its gradient buckets
+    assert _state(P.memory(cfg, 8, dp_shard=-1, zero=3)) == 16 * n / 8  # every 7B dim 0 divides by 8: no padding
+    z1, z2 = P.memory(cfg, 8, zero=1), P.memory(cfg, 8, zero=2)
+    assert (z1["params"], z1["grads"], z1["optimizer"]) == (2 * n, 2 * n, 12 * n / 8)
+    assert (z2["params"], z2["grads"], z2["optimizer"]) == (2 * n, 2 * n / 8, 12 * n / 8)
+    z1f = P.memory(cfg, 8, zero=1, dtype="float32")
+    assert (z1f["params"], z1f["grads"], z1f["optimizer"]) == (4 * n, 4 * n, 8 * n / 8)
+    # tensor parallel 8 without FSDP: block Linears / 8 (7B has no biases), embeddings, lm_head, norms whole
+    h, L, f, V = 4096, 32, 11008, 32000
+    linears = L * (4 * h * h + 3 * h * f)
+    assert n == linears + L * 2 * h + h + 2 * V * h
+    t8 = P.memory(cfg, 8, dp_shard=1, tp=8, zero=3)
+    assert t8["params"] == 4 * (linears // 8 + L * 2 * h + h + 2 * V * h)
+    # pipeline: layers 27/27/26 (earlier stages take the extra); stage 0 wte + 40 layers = the last's ln_f + lm_head
+    assert parallel.stage_layers(80, 3) == [27, 27, 26] and parallel.stage_layers(32, 2) == [16, 16]
+    st = P.stage_numels(P.model_config("70B")[0], pp=2)
+    assert st[0][0] + st[1][0] == 68_976_648_192 and st[0][0] == st[1][0] - 8192  # ln_f on the last stage
+    # activations, 16-bit: 34*s*b*h per layer (flash), logits s*b*V*(2+4); tp: (10 + 24/t); AC: 2sbh/layer + 1 block
+    s, b = 2048, 1
+    assert P.memory(cfg, 1, seq_len=s, batch_size=b)["activations"] == 34 * s * b * h * L + s * b * V * 6
+    assert P.memory(cfg, 1, seq_len=s, batch_size=b, dtype="float32")["activations"] == 68 * s * b * h * L + s * b * V * 8
+    assert P.memory(cfg, 8, dp_shard=1, tp=4, seq_len=s, batch_size=b)["activations"] == 16 * s * b * h * L + s * b * V * 6
+    ac = P.memory(cfg, 1, seq_len=s, batch_size=b, activation_checkpointing=True)["activations"]
+    assert ac == 2 * s * b * h * L + 34 * s * b * h + s * b * V * 6
+    # 1F1B: stage 0 of 4 holds 4 microbatches of its 8 layers, the last stage 1 plus the logits
+    a4 = P.memory(cfg, 8, dp_shard=2, pp=4, seq_len=s, batch_size=b)["activations"]
+    assert a4 == max(34 * s * b * h * 8 * 4, 34 * s * b * h * 8 + s * b * V * 6)
+    # the order of preference: DDP, FSDP, DDP + AC, FSDP + AC, then TP (smallest first), then PP
+    rows = P.evaluate(cfg, 8, float("inf"), 2048, 1, want_pp=0)
+    order = []
+    while P.choose(rows):
+        best = P.choose(rows)
+        order.append(best[0])
+        rows = [r for r in rows if r is not best]
+    assert order[:6] == ["DDP", "FSDP", "DDP + AC", "FSDP + AC", "FSDP x TP2", "FSDP x TP2 + AC"], order
+    assert "ZeRO-1" not in order and order[-2:] == ["TP8", "TP8 + AC"], order  # ZeRO-1/2: not in train.py
+    # wall time: gpt2 at 1024, flops/token = 6 x (124,439,808 - 786,432 wpe) + 12 x 12 x 768 x 1024 = 855,166,464
+    secs = P.wall_seconds(gpt2, 2_488_796_160, 8, 989e12, 0.4, 1024)
+    assert abs(secs - 855_166_464 * 2_488_796_160 / (8 * 989e12 * 0.4)) < 1e-6 and 672 < secs < 673
+
+
+def test_plan_matches_measured_fsdp_tp_ddp_bytes():
+    """N fake ranks in one process, a real forward/backward and AdamW step (float32): rank 0's bytes of
+    parameters, gradients and optimizer state are what plan.memory says for FSDP on 1, 2, 4, 8 ranks (vocab 70
+    and mlp_hidden 180 do not divide by 8: FSDP's rank 0 takes the ceiling of rows), FSDP x TP2 (row-parallel
+    biases whole), and one process (DDP without a group). Exact, byte for byte (the issue allows 5%)."""
+    cfg = M.GPTConfig(vocab_size=70, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, mlp="swiglu",
+                      mlp_hidden=180, bias=True, norm="rmsnorm", pos="rope", tie_embeddings=False)
+
+    def same(got, want, what):
+        for k in ("params", "grads", "optimizer"):
+            assert got[k] == want[k], (what, k, got[k], want[k])
+
+    same(_held_bytes(cfg, 0, 0), P.memory(cfg, 1, zero=0, dtype="float32"), "one process")
+    for n in (1, 2, 4, 8):
+        same(_held_bytes(cfg, n, n), P.memory(cfg, n, dp_shard=n, zero=3, dtype="float32"), f"FSDP {n}")
+    same(_held_bytes(cfg, 4, 2, tp=2), P.memory(cfg, 4, dp_shard=2, tp=2, zero=3, dtype="float32"), "FSDP 2 x TP 2")
+
+
+def _train_defaults():
+    """train.py's config defaults, from its module-level assignments before configure (train.py is not run)."""
+    import ast
+    g = {}
+    for node in ast.parse((ROOT / "train.py").read_text()).body:
+        if isinstance(node, ast.Assign):
+            if any(isinstance(t, ast.Name) and t.id == "config" for t in node.targets):
+                break
+            exec(compile(ast.Module([node], []), "train.py", "exec"), {}, g)
+    return g
+
+
+def test_plan_cli_layouts_commands_and_config():
+    """7B on 8xH100 fits (FSDP + AC) and prints the one-node torchrun line; --write_config writes a file that
+    train.py's configure takes (its keys and types); 70B on 8xH100 fits in
+    no layout and names the GPU count that does, which plan.py itself confirms; 64 GPUs give the multi-node line."""
+    out = Path(tempfile.mkdtemp(prefix="plan-tests-"))
+    p = run(["plan.py", "--gpus=8xH100", "--model=7B", f"--write_config={out / 'c.py'}"], check=0)
+    assert "simplest layout that fits: FSDP + AC (dp_shard=8, tp=1, pp=1, activation_checkpointing=True)" in p.stdout
+    assert "6,738,415,616 parameters" in p.stdout
+    ddp = next(l for l in p.stdout.splitlines() if l.strip().startswith("DDP "))
+    assert ddp.split()[-1] == "no", ddp
+    assert f"torchrun --standalone --nproc_per_node=8 train.py {out / 'c.py'}" in p.stdout
+    written = {}
+    exec((out / "c.py").read_text(), {}, written)
+    defaults = _train_defaults()
+    assert set(written) <= set(defaults), set(written) - set(defaults)
+    cfg = common.configure(dict(defaults), [str(out / "c.py")])  # dies on an unknown key or a wrong type
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["dp_shard"], cfg["activation_checkpointing"]) == (32, 4096, 8, True)
+    assert cfg["total_batch_size"] % (cfg["batch_size"] * cfg["block_size"] * 8) == 0
+    assert cfg["max_iters"] * cfg["total_batch_size"] >= 20 * 6_738_415_616
+    p = plan_run(["--gpus=8xH100", "--model=70B"])
+    assert "does not fit on 8 x H100" in p.stdout and "torchrun" not in p.stdout
+    need = re.search(r"it needs (\d+) x H100 \((.*)\)", p.stdout)
+    assert need, p.stdout[-500:]
+    p = plan_run([f"--gpus={need[1]}xH100", "--model=70B"])
+    assert f"simplest layout that fits: {need[2]} (" in p.stdout
+    half = plan_run([f"--gpus={int(need[1]) // 2}xH100", "--model=70B"])
+    assert "does not fit" in half.stdout  # the smallest such count
+    p = plan_run(["--gpus=64xH100", "--model=70B"])
+    assert ("torchrun --nnodes=8 --nproc_per_node=8 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 "
+            "train.py --n_layer=80") in p.stdout
+
+
+def test_plan_bad_inputs_one_line():
+    """Mistakes stop with one line, exit 2, no traceback."""
+    for args, needle in ((["--gpus=8xFOO"], "known kinds: H100"), (["--gpus=8H100"], "COUNTxKIND"),
+                         (["--gpus=0xH100"], "positive"), (["--model=nope"], "unknown model"),
+                         (["--model=", "--n_layer=4", "--n_embd=384", "--n_head=6", "--tp=4"], "tp=4 must divide n_head=6"),
+                         (["--model=7B", "--n_head=30"], "n_head (30)"), (["--batch_size=0"], "batch_size"),
+                         (["--model=", "--params=1e5"], "too small"), (["--model=1B", "--pp=2"], "untied"),
+                         (["--tp=16"], "inside a node"), (["--mfu=1.5"], "mfu"), (["--seq_len=-1"], "seq_len"),
+                         (["--gpus=12xH100"], "whole number"), (["--model=", "--n_layer=4"], "n_embd")):
+        assert_clear_error(plan_run(args), needle)
+    for args in (["--gpus=8xFOO"], ["--model=7B", "--n_head=30"]):  # and in a real process
+        assert_clear_error(run(["plan.py", *args]), "error")
+
+
+def test_plan_params_picks_a_near_shape():
+    """--params=7e9 picks a Llama-style shape within 5% and prints its exact count; tp=8 divides its heads."""
+    for target in (7e9, 1.3e9, 30e9):
+        cfg, _ = P.model_config(n_params=target)
+        n = P.count_params(cfg)
+        assert abs(n / target - 1) < 0.05 and cfg.n_head % 8 == 0, (target, n, cfg)
+    p = plan_run(["--gpus=8xH100", "--params=7e9"])
+    cfg, _ = P.model_config(n_params=7e9)
+    assert f"{P.count_params(cfg):,} parameters" in p.stdout
 
 
 # ----- model: model.py and sample.py (python test_all.py -k model ; -k sample) -----
