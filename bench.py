@@ -5,6 +5,7 @@ ratio. Not a test: nothing here asserts wall time.
 
     python bench.py                  # everything (about 15 minutes on a 2-core CPU)
     python bench.py decode train     # only the benchmarks whose name contains one of these words
+    python bench.py parallel         # 2 CPU ranks: FSDP, tensor and pipeline parallel step time vs DDP
     python bench.py gpu              # the GPU smoke run (GPT-2 124M bf16 compiled, kill + resume, sample, eval,
                                      # SFT, DPO) with tokens/s, MFU, peak memory and flash attention; skips on CPU
 """
@@ -281,17 +282,21 @@ def bench_prepare():
 NANOGPT = {"val_loss": 1.886, "seconds": 116.0, "tok_s": 14.8e3, "tok_s_compiled": 17.1e3}
 
 
-def _train(*args):
-    """Run train.py; return wall seconds, median tok/s of the log lines, and the list of eval records."""
-    out = tempfile.mkdtemp(prefix="bench-train-")
+def _train(*args, ranks=0, device="cpu", logs=None):
+    """Run train.py (under torchrun with that many ranks, when ranks > 0); return wall seconds, median tok/s
+    of the log lines, and the list of eval records (`logs`: a list that gets the log records)."""
     t0 = time.time()
-    p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}", "--sample_at_end=False",
-                        "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
-    wall = time.time() - t0
-    if p.returncode != 0:
-        raise RuntimeError(p.stderr[-2000:])
-    recs = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
-    rates = sorted(r["tok_per_sec"] for r in recs if "tok_per_sec" in r)
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks else []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
+        p = subprocess.run([sys.executable, *launch, "train.py", *args, f"--out_dir={out}", "--sample_at_end=False",
+                            f"--device={device}"], cwd=ROOT, capture_output=True, text=True)
+        wall = time.time() - t0
+        if p.returncode != 0:
+            raise RuntimeError(p.stdout[-1000:] + p.stderr[-2000:])
+        recs = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
+    timed = [r for r in recs if "tok_per_sec" in r]
+    (logs if logs is not None else []).extend(timed)
+    rates = sorted(r["tok_per_sec"] for r in timed)
     evals = [r for r in recs if "val_loss" in r]
     return wall, rates[len(rates) // 2], evals
 
@@ -360,18 +365,25 @@ def _same_run_steps(data_path, blocks=8, steps=25):
     return {name: 1e3 * t / (blocks * steps) for name, t in total.items()}
 
 
-def bench_train():
-    """nanoGPT's baby config in GPT-2 style (same loss at >= 1.2x its tokens/s), with and without
-    torch.compile, and our Llama-style CPU recipe (val loss <= 1.886 in <= half of nanoGPT's time)."""
+def _shakespeare(what):
+    """Prepare tiny Shakespeare (bytes) in data/shakespeare; False (with a line saying so) when it is absent."""
     data = ROOT / "data" / "shakespeare" / "raw" / "input.txt"
     if not data.exists():
         if not (SHARED / "tinyshakespeare.txt").exists():
-            print("bench_train: no tiny Shakespeare (data/shakespeare/raw/input.txt or ../shared/data): skipped")
-            return
+            print(f"{what}: no tiny Shakespeare (data/shakespeare/raw/input.txt or ../shared/data): skipped")
+            return False
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_bytes((SHARED / "tinyshakespeare.txt").read_bytes())
     subprocess.run([sys.executable, "prepare.py", "--dataset=shakespeare", "--tokenizer=byte"], cwd=ROOT,
                    check=True, capture_output=True)
+    return True
+
+
+def bench_train():
+    """nanoGPT's baby config in GPT-2 style (same loss at >= 1.2x its tokens/s), with and without
+    torch.compile, and our Llama-style CPU recipe (val loss <= 1.886 in <= half of nanoGPT's time)."""
+    if not _shakespeare("bench_train"):
+        return
     print(f"{'run (tiny Shakespeare, bytes, CPU)':<44}{'wall s':>8}{'tok/s':>9}{'val loss':>10}{'vs nanoGPT':>12}")
     print(f"{'nanoGPT baby (reference figures)':<44}{NANOGPT['seconds']:>8.0f}{NANOGPT['tok_s']:>9.0f}"
           f"{NANOGPT['val_loss']:>10.3f}{'1.00x':>12}")
@@ -391,6 +403,23 @@ def bench_train():
     print(f"{'ours, Llama-style recipe':<44}{wall:>8.0f}{tok_s:>9.0f}{evals[-1]['val_loss']:>10.3f}"
           f"{NANOGPT['seconds'] / wall:>11.2f}x  (target: val loss <= {NANOGPT['val_loss']} in <= "
           f"{NANOGPT['seconds'] / 2:.0f} s; reached at step {step})")
+
+
+def bench_parallel():
+    """2 CPU ranks (gloo) on the baby config, same global batch: FSDP (dp_shard=2), tensor parallel 2 and
+    pipeline parallel 2 (1F1B) against DDP, timed in the same run (DDP first and last, to bracket the load)."""
+    if not _shakespeare("bench_parallel"):
+        return
+    base = ["config/shakespeare_char.py", "--batch_size=6", "--max_iters=60", "--eval_interval=1000", "--eval_iters=2"]
+    runs = [("DDP", []), ("FSDP, dp_shard=2", ["--dp_shard=2"]), ("tensor parallel, tp=2", ["--tp=2"]),
+            ("pipeline, pp=2 (1F1B, 2 microbatches)", ["--pp=2", "--tie_embeddings=False"]), ("DDP, again", [])]
+    rates = {}
+    print(f"{'2 ranks, baby config, 768 tokens/step':<44}{'tok/s':>9}{'ms/step':>9}{'vs DDP':>8}")
+    for label, extra in runs:
+        _, rates[label], _ = _train(*base, *extra, ranks=2)
+    ddp = (rates["DDP"] + rates["DDP, again"]) / 2
+    for label, tok_s in rates.items():
+        print(f"{label:<44}{tok_s:>9.0f}{768e3 / tok_s:>9.1f}{tok_s / ddp:>7.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -476,6 +505,28 @@ def bench_gpu():
         # pydocs with the byte tokenizer: made offline from this Python's own docs (no download, no shared data)
         smoke(Path(tmp), ["--dataset=pydocs", "--tokenizer=byte"], [], GPT2_124M + ["--batch_size=16",
               "--total_batch_size=65536", "--dtype=bfloat16", "--compile=True"])
+        throughput([f"--data_root={Path(tmp) / 'data'}", "--dataset=pydocs", "--tokenizer=byte", "--dtype=bfloat16",
+                    "--compile=True", "--batch_size=16", "--total_batch_size=65536"], GPT2_124M,
+                   ["config/llama_1gpu.py", "--num_shards=0"], "cuda")
+
+
+def throughput(common_args, gpt2, llama, device, steps=40):
+    """tokens/s, MFU and peak memory of GPT-2 124M in one process (the path DDP takes on each GPU), the same
+    under FSDP2 on one rank (torchrun, dp_shard=-1: FSDP's own overhead), and the Llama config; the median
+    of the log lines after the first (compile) step. bench.py gpu runs it on CUDA, test_all on the CPU."""
+    rows = [("GPT-2 124M, one process (DDP's path)", gpt2, 0), ("GPT-2 124M, FSDP2 on 1 rank", gpt2 + ["--dp_shard=-1"], 1),
+            ("Llama, config/llama_1gpu.py's shape", llama, 0)]
+    print(f"{'model, layout':<40}{'tok/s':>10}{'MFU':>8}{'peak GiB':>10}")
+    out = {}
+    for label, args, ranks in rows:  # the config file first: the overrides after it win
+        logs = []
+        _, tok_s, _ = _train(*args, *common_args, f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=2",
+                             "--log_interval=5", ranks=ranks, device=device, logs=logs)
+        mfu = sorted(r.get("mfu") or 0 for r in logs)[len(logs) // 2]
+        mem = max(r.get("peak_mem_gib") or 0 for r in logs)
+        print(f"{label:<40}{tok_s:>10.0f}{100 * mfu:>7.1f}%{mem:>10.1f}")
+        out[label] = tok_s
+    return out
 
 
 GPT2_124M = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--n_kv_head=None", "--block_size=1024", "--norm=layernorm",
@@ -539,7 +590,7 @@ def smoke(tmp, data, chat_data, train_args, steps=30):
     return recs, first
 
 
-BENCHES = [bench_decode, bench_bpe_train, bench_encode, bench_prepare, bench_train, bench_eval_batched_scoring, bench_eval_lm_throughput, bench_gpu]
+BENCHES = [bench_decode, bench_bpe_train, bench_encode, bench_prepare, bench_train, bench_parallel, bench_eval_batched_scoring, bench_eval_lm_throughput, bench_gpu]
 
 if __name__ == "__main__":
     os.chdir(ROOT)

@@ -67,7 +67,8 @@ def make_mesh(world_size, dp_shard, device_type, cpu_offload=False, tp=1, pp=1, 
     cfg: the GPTConfig, whose heads and layers tp and pp must divide."""
     c = cfg or type("C", (), {"n_head": tp, "n_kv_head": tp, "n_layer": pp})
     deg = layout(world_size, dp_shard, tp, pp, c.n_head, c.n_kv_head, c.n_layer, cpu_offload)
-    if deg["dp_shard"] == 1 and tp == 1 and pp == 1:
+    # dp_shard=-1 under torchrun is FSDP even on one rank (FSDP's own overhead, measured by bench.py gpu)
+    if deg["dp_shard"] == 1 and tp == 1 and pp == 1 and not (dp_shard == -1 and dist.is_initialized()):
         return None
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh(device_type, tuple(deg.values()), mesh_dim_names=tuple(deg))

@@ -421,8 +421,10 @@ def main():
             if found:
                 need = (n, found[0])
                 break
+        state_fits = any(r[7] - r[6]["activations"] <= limit for r in rows if r[4] in (0, 3))
         print(f"\ndoes not fit on {n_gpus} x {kind} at batch_size {batch_size}"
-              + (f": it needs {need[0]} x {kind} ({need[1]}), or a smaller batch_size" if need else
+              + (f": it needs {need[0]} x {kind} ({need[1]})" + (", or a smaller batch_size" if state_fits else
+                 " (its weights, gradients and optimizer state alone do not fit)") if need else
                  ": not on up to 2048 times as many either"))
         return
     label, d, t, p, z, ac, m, total, _ = best

@@ -687,6 +687,12 @@ def test_gpu_smoke_script_runs_on_cpu():
                       "--total_batch_size=256", "--device=cpu", "--dtype=float32"]
         with redirect_stdout(io.StringIO()) as out, mock.patch.dict(os.environ, RUN_ENV):
             recs, first = bench.smoke(Path(tmp), data, chat, tiny_model)
+            # its throughput table: one process, FSDP on one torchrun rank, the Llama config file's path
+            shape = ["--n_layer=2", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--block_size=64"]
+            rates = bench.throughput([f"--data_root={tmp}/data", *data, "--batch_size=4", "--total_batch_size=256",
+                                      "--dtype=float32", *shape], [], ["config/llama_1gpu.py", "--num_shards=0"],
+                                     "cpu", steps=10)
+    assert len(rates) == 3 and all(r > 0 for r in rates.values()), rates
     assert [r["step"] for r in first if "val_loss" in r] == [0, 10, 20]  # killed after the step-20 checkpoint
     resumed = [r["step"] for r in recs[len(first):] if "loss" in r or "val_loss" in r]
     assert resumed[0] == 20 and resumed[-1] == 30, resumed
@@ -837,6 +843,20 @@ def test_pipeline_refusals_one_clear_line():
         err = expect_die(parallel.pipeline, m, mesh, "cpu", 1, "1f1b", None)
         assert "needs at least pp=2 micro-steps per step, got 1" in err and err.count("\n") == 1, err
         assert "not one of gpipe, 1f1b" in expect_die(parallel.pipeline, m, mesh, "cpu", 2, "zb", None)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_on_one_rank_only_when_asked():
+    """dp_shard=-1 under torchrun is FSDP even with one rank (bench.py gpu measures FSDP's own overhead so);
+    dp_shard=1, or no process group at all, is the plain path (no mesh)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    assert parallel.make_mesh(1, -1, "cpu") is None  # one plain process: no group, nothing to shard over
+    torch.distributed.init_process_group("fake", rank=0, world_size=1, store=FakeStore())
+    try:
+        assert parallel.make_mesh(1, 1, "cpu") is None
+        assert dict(zip(parallel.make_mesh(1, -1, "cpu").mesh_dim_names, parallel.make_mesh(1, -1, "cpu").shape)) == \
+            {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
     finally:
         torch.distributed.destroy_process_group()
 
