@@ -1213,7 +1213,7 @@ def test_plan_cli_layouts_commands_and_config():
     assert cfg["max_iters"] * cfg["total_batch_size"] >= 20 * 6_738_415_616
     p = plan_run(["--gpus=8xH100", "--model=70B"])
     assert "does not fit on 8 x H100" in p.stdout and "torchrun" not in p.stdout
-    need = re.search(r"it needs (\d+) x H100 \((.*)\)", p.stdout)
+    need = re.search(r"it needs (\d+) x H100 \(([^)]*)\)", p.stdout)
     assert need, p.stdout[-500:]
     p = plan_run([f"--gpus={need[1]}xH100", "--model=70B"])
     assert f"simplest layout that fits: {need[2]} (" in p.stdout
@@ -3845,7 +3845,9 @@ def coder_model():
     with torch.random.fork_rng():
         for _ in range(400):
             logits, loss = model(x, y)
-            if bool((logits.argmax(-1) == y)[y != -1].all()) and loss.item() < 0.02:
+            # < 0.005: every taught token above 0.95, so top_p=0.95 sampling keeps only it (at 0.02 the '+'/'-'
+            # token was 0.83-0.87 likely, and whether sampling picked the wrong one depended on the CPU)
+            if bool((logits.argmax(-1) == y)[y != -1].all()) and loss.item() < 0.005:
                 break
             opt.zero_grad()
             loss.backward()
