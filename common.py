@@ -117,6 +117,9 @@ def configure(g, argv=None):
                 if k in config_keys({k: v}):
                     set_key(g, keys, k, v, source=arg)
             continue
+        if "=" not in arg and isinstance(g.get(arg[2:]), bool) and arg[2:] in keys:
+            set_key(g, keys, arg[2:], True, source=arg)  # a bare --flag turns a True/False key on
+            continue
         if "=" not in arg:
             die(f"argument '{arg}' should look like --key=value")
         k, raw = arg[2:].split("=", 1)

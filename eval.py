@@ -71,6 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import clean
 import prepare
 import tokenizer as T
 from common import Progress, atomic_path, configure, die, download, fmt_num, pick_device, precision, short_reason
@@ -566,7 +567,7 @@ def lm_streams(source, tok, split):
     """(list of token arrays, bytes of their text or None to count by decoding, description)."""
     kind, p = source
     if kind == "text":
-        text = prepare.read_text(p)
+        text = clean.read_text(p)
         return [np.array([tok.eot_id] + tok.encode(text))], len(text.encode("utf-8")), str(p)
     if kind == "bin":
         meta = prepare.load_meta(p.parent)
@@ -582,7 +583,8 @@ def lm_streams(source, tok, split):
     # pydocs in another tokenizer (or not prepared): the same documents as prepare.py makes, encoded here
     settings = prepare.load_meta(p).get("settings", {}) if (p / "meta.json").exists() else {}
     docs = prepare.pydocs_documents(p / "raw", settings.get("val_frac", 0.1))
-    docs = prepare.clean(docs, settings.get("min_doc_chars", 16))
+    docs = prepare.clean(docs, settings.get("min_doc_chars", 16), settings.get("filters", []),
+                         settings.get("dedup", ["exact"]))
     texts = [t for _, t, s in docs if s == split]
     ids = [tok.eot_id]
     for t in texts:

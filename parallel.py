@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch

@@ -310,7 +310,7 @@ def candidates(cfg, n_gpus, per_node, want_tp=0, want_pp=0, with_pp=False):
             if t * p == 1:
                 continue
             dp = n_gpus // (t * p) if n_gpus % (t * p) == 0 else 0
-            label = (f"FSDP x " if dp > 1 else "") + " x ".join(([f"TP{t}"] if t > 1 else []) + ([f"PP{p}"] if p > 1 else []))
+            label = ("FSDP x " if dp > 1 else "") + " x ".join(([f"TP{t}"] if t > 1 else []) + ([f"PP{p}"] if p > 1 else []))
             out.append((label, -1, t, p, 3))
     return [c for c in out if c[4] in (1, 2) or valid(cfg, n_gpus, c[1], c[2], c[3])]
 

@@ -34,16 +34,16 @@ import hashlib
 import inspect
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 
+import clean as C
 from common import Progress, atomic_path, configure, die, download, fmt_num
 
 # -----------------------------------------------------------------------------
@@ -57,6 +57,10 @@ tokenizer_path = ""           # bpe: a saved tokenizer folder to use instead of 
 tokenizer_train_chars = 200_000_000  # bpe trains on at most this many characters of the train split
 val_frac = 0.1                # share of documents (pydocs: of top-level packages) held out for validation
 min_doc_chars = 16            # documents shorter than this (after stripping whitespace) are dropped
+filters = ""                  # clean.py's quality rules, comma-separated: gopher, repetition, c4, fineweb
+dedup = "exact"               # comma-separated: exact, minhash (near duplicates, clean.py)
+quality_model = ""            # a clean.py classifier: keep the best-scoring quality_keep of the documents
+quality_keep = 1.0
 chunk_chars = 8192            # a .txt is cut at blank lines into documents of at least this many characters
 shard_tokens = 100_000_000    # tokens per .bin shard (llm.c's size)
 num_shards = 0                # fineweb10B: train shards (100M tokens each, 103 in all); 0: those here, or 8
@@ -73,13 +77,13 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{split}.txt"
 FINEWEB_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{split}_{i:06d}.bin"
-EOT_TEXT = "<|endoftext|>"
 MAX_LISTED_DOCS = 200_000  # docs.json lists the documents of smaller corpora
 DATASETS = ("pydocs", "shakespeare", "tinystories", "fineweb10B", "local")
 
 
 def prepare(dataset="pydocs", data_root="data", tokenizer="bpe", vocab_size=4096, input=None, force=False,
-            tokenizer_path="", tokenizer_train_chars=200_000_000, val_frac=0.1, min_doc_chars=16,
+            tokenizer_path="", tokenizer_train_chars=200_000_000, val_frac=0.1, min_doc_chars=16, filters="",
+            dedup="exact", quality_model="", quality_keep=1.0,
             chunk_chars=8192, shard_tokens=100_000_000, num_shards=0, num_threads=0, mirror="", retries=4):
     """Make data_root/dataset ready (see the module docstring) and return its path. Idempotent: when
     meta.json shows the same settings nothing is redone; different settings need force=True."""
@@ -104,7 +108,9 @@ def prepare(dataset="pydocs", data_root="data", tokenizer="bpe", vocab_size=4096
     what = dict(dataset=dataset, input=str(Path(input).resolve()) if input else None, tokenizer=tokenizer,
                 vocab_size=vocab_size if tokenizer == "bpe" else None, tokenizer_path=tokenizer_path or None)
     how = dict(tokenizer_train_chars=tokenizer_train_chars if tokenizer == "bpe" else None, val_frac=val_frac,
-               min_doc_chars=min_doc_chars, chunk_chars=chunk_chars, shard_tokens=shard_tokens)
+               min_doc_chars=min_doc_chars, chunk_chars=chunk_chars, shard_tokens=shard_tokens,
+               filters=C.listed(filters, "filters"), dedup=C.listed(dedup, "dedup"),
+               quality_model=str(Path(quality_model).resolve()) if quality_model else None, quality_keep=quality_keep)
     if (data_dir / "meta.json").exists() and not force:
         old = load_meta(data_dir).get("settings", {})
         diff = [k for k in what if old.get(k) != what[k]]
@@ -120,7 +126,8 @@ def prepare(dataset="pydocs", data_root="data", tokenizer="bpe", vocab_size=4096
 
     t0 = time.time()
     docs = load_documents(dataset, data_dir, input, chunk_chars, val_frac, force, dl)
-    docs = clean(docs, min_doc_chars)
+    cleaning = {}
+    docs = clean(docs, min_doc_chars, how["filters"], how["dedup"], quality_model, quality_keep, cleaning)
     splits = split_documents(docs, val_frac, f"input '{input}'" if input else f"the {dataset} corpus")
     t_clean = time.time() - t0
     # from here on the directory reads as unfinished until the new meta.json is written
@@ -129,6 +136,7 @@ def prepare(dataset="pydocs", data_root="data", tokenizer="bpe", vocab_size=4096
                                          splits["train"], data_dir, force)
     t1 = time.time()
     meta = write_shards(data_dir, splits, tok, shard_tokens, num_threads)
+    meta["clean"] = cleaning  # every stage's counts
     meta.update(dataset=dataset, tokenizer=tok_spec, settings={**what, **how},
                 timing={"clean_s": round(t_clean, 3), "tokenizer_s": round(t_tok, 3),
                         "encode_write_s": round(time.time() - t1, 3)})
@@ -149,115 +157,27 @@ def load_documents(dataset, data_dir, input, chunk_chars, val_frac, force, dl):
         return pydocs_documents(raw, val_frac, force)
     if dataset == "shakespeare":
         path = download(SHAKESPEARE_URL, raw / "input.txt", sha256=SHAKESPEARE_SHA256, **dl)
-        return text_file_documents(path, "input.txt", chunk_chars)
+        return [(d["id"], d["text"], None) for d in C.text_file_documents(path, "input.txt", chunk_chars)]
     if dataset == "tinystories":
         docs = []
         for split, name in (("train", "train"), ("val", "valid")):
             path = download(TINYSTORIES_URL.format(split=name), raw / f"TinyStoriesV2-GPT4-{name}.txt", **dl)
-            docs += [(n, t, split) for n, t, _ in text_file_documents(path, path.name, chunk_chars)]
+            docs += [(d["id"], d["text"], split) for d in C.text_file_documents(path, path.name, chunk_chars)]
         return docs
-    return local_documents(Path(input), chunk_chars)
+    return [(d["id"], d["text"], None) for d in C.read_documents(C.input_files(input), chunk_chars)]
 
 
-def local_documents(path, chunk_chars):
-    """--input: a .txt, a .jsonl, or a folder of them (recursively, in sorted path order)."""
-    if not path.exists():
-        die(f"input '{path}' not found (give --input=a .txt, a .jsonl, or a folder of them)")
-    if path.is_file():
-        files, base = [path], path.parent
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
-        base = path
-        if not files:
-            die(f"input folder '{path}' holds no .txt or .jsonl files")
-    docs = []
-    for f in files:
-        name = f.relative_to(base).as_posix()
-        if f.suffix == ".jsonl":
-            docs += jsonl_documents(f, name)
-        elif f.suffix == ".txt":
-            docs += text_file_documents(f, name, chunk_chars)
-        else:
-            die(f"input '{f}' is neither .txt nor .jsonl")
-    return docs
-
-
-def read_text(path):
-    """UTF-8 text with undecodable bytes replaced by U+FFFD; reports how many sequences were replaced
-    (the U+FFFD that the decoding added, not those the file already had)."""
-    data = path.read_bytes()
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - data.count("\ufffd".encode())
-    if bad:
-        print(f"warning: {path}: replaced {bad} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
-    return text
-
-
-def text_file_documents(path, name, chunk_chars):
-    """A .txt holding <|endoftext|> separators gives one document per piece (whitespace around the
-    separator dropped, as in TinyStories); otherwise consecutive paragraphs are grouped into documents of
-    at least chunk_chars, so that joining them with blank lines gives the text back exactly."""
-    text = read_text(path)
-    if EOT_TEXT in text:
-        return [(f"{name}#{i}", t.strip(), None) for i, t in enumerate(text.split(EOT_TEXT))]
-    text = normalize(text)  # so that '\r\n\r\n' also counts as a blank line
-    docs, parts, n = [], [], 0
-    for para in text.split("\n\n"):
-        parts.append(para)
-        n += len(para) + 2
-        if n >= chunk_chars:
-            docs.append((f"{name}#{len(docs)}", "\n\n".join(parts), None))
-            parts, n = [], 0
-    if parts:
-        docs.append((f"{name}#{len(docs)}", "\n\n".join(parts), None))
-    return docs
-
-
-def jsonl_documents(path, name):
-    """One document per line: an object with a string 'text'. Blank lines are skipped."""
-    docs = []
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            die(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            die(f"{path}:{lineno}: no string 'text' field; each line must look like {{\"text\": \"...\"}}")
-        docs.append((f"{name}:{lineno}", obj["text"], None))
-    return docs
-
-
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def normalize(text):
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-
-
-def clean(docs, min_doc_chars):
-    """NFC, '\\n' newlines, drop empty and tiny documents and exact duplicates (the first copy stays).
-    Lone surrogates (JSON allows "\\ud800") cannot be UTF-8 encoded: they become U+FFFD and are counted."""
-    kept, seen, tiny, dups, bad = [], set(), 0, 0, 0
-    for name, text, split in docs:
-        text = normalize(text)
-        text, n = SURROGATE.subn("\ufffd", text)
-        bad += n
-        if len(text.strip()) < min_doc_chars:
-            tiny += 1
-            continue
-        h = hashlib.blake2b(text.encode(), digest_size=16).digest()
-        if h in seen:
-            dups += 1
-            continue
-        seen.add(h)
-        kept.append((name, text, split))
-    if bad:
-        print(f"warning: replaced {bad} lone surrogate(s) with U+FFFD", file=sys.stderr)
-    print(f"clean: {len(docs)} documents, dropped {tiny} empty/tiny (< {min_doc_chars} chars) and "
-          f"{dups} duplicates, kept {len(kept)} ({fmt_num(sum(len(t) for _, t, _ in kept))} chars)")
-    return kept
+def clean(docs, min_doc_chars, filters=(), dedup=("exact",), quality_model="", quality_keep=1.0, summary=None,
+          workers=1):
+    """[(name, text, split)] through clean.py's stages (by default: NFC, '\\n' newlines, tiny documents and exact
+    duplicates dropped, the first copy staying): the kept ones, in order. `summary`, a dict, gets clean.py's
+    summary (documents and bytes removed by each stage and rule)."""
+    with tempfile.TemporaryDirectory(prefix="prepare-clean-") as tmp:
+        s = C.run(({"id": name, "text": text, "split": split} for name, text, split in docs), tmp, filters, dedup,
+                  min_doc_chars, quality_model=quality_model, quality_keep=quality_keep, workers=workers, total=len(docs))
+        if summary is not None:
+            summary.update(s)
+        return [(d["id"], d["text"], d["split"]) for d in C.read_jsonl(Path(tmp) / "docs.jsonl")]
 
 
 def split_documents(docs, val_frac, source):
