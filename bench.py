@@ -6,6 +6,7 @@ ratio. Not a test: nothing here asserts wall time.
     python bench.py                  # everything (about 15 minutes on a 2-core CPU)
     python bench.py decode train     # only the benchmarks whose name contains one of these words
     python bench.py parallel         # 2 CPU ranks: FSDP, tensor and pipeline parallel step time vs DDP
+    python bench.py dedup            # clean.py's MinHash, LSH and classifier vs datasketch, datatrove, fastText
     python bench.py gpu              # the GPU smoke run (GPT-2 124M bf16 compiled, kill + resume, sample, eval,
                                      # SFT, DPO) with tokens/s, MFU, peak memory and flash attention; skips on CPU
 """
@@ -19,6 +20,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import unittest
 from pathlib import Path
 
 import torch
@@ -423,6 +425,205 @@ def bench_parallel():
 
 
 # -----------------------------------------------------------------------------
+# clean (issue 13): near-dedup and the quality classifier against their references
+
+FASTTEXT_RUNNER = r"""
+import ctypes, json, sys, time
+import numpy as np
+# fastText 0.9.2 with thread=1 fills only the first tenth of its input matrix at init (one block per thread);
+# the rest is whatever malloc returns: zeros from a fresh mmap, but a freed model's weights (or NaN) from a
+# reused heap chunk, so trainings in a busy process disagree or stop with 'Encountered NaN'. Here, in a fresh
+# process with glibc's mmap threshold pinned, every matrix over 128 KiB is a fresh, zeroed mmap.
+if ctypes.CDLL(None).mallopt(-3, 1 << 17) != 1:
+    sys.exit(3)
+import fasttext
+for job in json.load(sys.stdin):
+    t0 = time.perf_counter()
+    ft = fasttext.train_supervised(input=job["train"], verbose=0, thread=1, **job["params"])
+    res = {"train_s": time.perf_counter() - t0}
+    lines = [l + b"\n" for l in open(job["lines"], "rb").read().split(b"\n")[:-1]]
+    if job["what"] == "predict":  # the C++ call: the wrapper's predict() takes only str (pang_lee has Latin-1 bytes)
+        t0 = time.perf_counter()
+        labels, probs = ft.f.multilinePredict(lines, -1, 0.0, "strict")
+        res["predict_s"] = time.perf_counter() - t0
+        res["probs"] = [dict(zip(ls, map(float, ps))) for ls, ps in zip(labels, probs)]
+    else:  # its input matrix, word ids and sentence vectors
+        np.save(job["train"] + ".W.npy", ft.get_input_matrix())
+        res["ids"] = [ft.f.getWordId(w.encode("utf-8", "surrogateescape")) for w in job["words"]]
+        res["vectors"] = []
+        for l in lines:
+            v = fasttext.FastText.fasttext.Vector(job["params"]["dim"])
+            ft.f.getSentenceVector(v, l)
+            res["vectors"].append(np.array(v).tolist())
+    with open(job["train"] + ".json", "w") as f:
+        json.dump(res, f)
+"""
+
+
+def fasttext_runs(jobs):
+    """Train and query the real fastText (fasttext-numpy2-wheel) in a fresh process (see FASTTEXT_RUNNER):
+    jobs are {"train": fastText file, "params", "lines": file of texts, "what": "predict" | "vectors", ...};
+    returns each job's result (with "train_s", and "predict_s" for predictions). unittest.SkipTest without
+    fastText or glibc. test_all checks our classifier against it; bench_dedup times it."""
+    try:
+        import fasttext  # noqa: F401
+    except ImportError:
+        raise unittest.SkipTest("fastText is not installed (pip install fasttext-numpy2-wheel)")
+    p = subprocess.run([sys.executable, "-c", FASTTEXT_RUNNER], input=json.dumps(jobs), capture_output=True,
+                       text=True, timeout=600)
+    if p.returncode == 3:
+        raise unittest.SkipTest("no glibc mallopt: fastText's uninitialised input rows would make it nondeterministic")
+    if p.returncode != 0:
+        raise RuntimeError(f"fastText failed: {p.stderr[-3000:]}")
+    return [json.loads(Path(j["train"] + ".json").read_text()) for j in jobs]
+
+
+
+def datatrove_words():
+    """datatrove's WordTokenizer over clean.py's splitting (whitespace words, sentences after . ! ?): datatrove
+    then runs offline (its default, NLTK, downloads its data) and sees the words clean.py sees."""
+    import clean as C
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Plain(WordTokenizer):
+        def word_tokenize(self, text):
+            return text.split()
+
+        def sent_tokenize(self, text):
+            return C.sentences(text)
+
+        def span_tokenize(self, text):
+            spans, start = [], 0
+            for s in C.sentences(text):
+                a = text.index(s, start)
+                spans.append((a, a + len(s)))
+                start = a + len(s)
+            return spans or [(0, len(text))]
+    return Plain("en")
+
+
+def bench_dedup():
+    """clean.py on Debian's copyright files (~700 licence texts, 17 MB), each timed next to its reference in
+    the same run: MinHash signatures vs datasketch and datatrove (targets >= 3x and >= 8x docs/s), LSH and
+    clustering vs datasketch's MinHashLSH insert + query (>= 2x), --workers=2 vs 1 (same output), and the
+    classifier's training and scoring vs fastText."""
+    import clean as C
+    import numpy as np
+    paths = sorted(Path("/usr/share/doc").glob("*/copyright"))
+    if len(paths) < 100:
+        print(f"bench_dedup: only {len(paths)} /usr/share/doc/*/copyright files here: skipped")
+        return
+    docs = [C.normalize(p.read_text(encoding="utf-8", errors="replace")) for p in paths]
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    perms = C.permutations()
+    rows = {}
+
+    def timed(label, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        rows[label] = time.perf_counter() - t0
+        return out
+
+    sigs = timed("ours, fast", lambda: C.signatures([C.shingles(d) for d in docs], perms))
+    compat = timed("ours, compat (SHA-1)", lambda: C.signatures([C.shingles(d, "compat") for d in docs], perms))
+    try:
+        from datasketch import MinHash, MinHashLSH
+
+        def sketch(scheme):
+            out = []
+            for d in docs:
+                w = C.simplify(d).split()
+                m = MinHash(num_perm=112, permutations=perms, scheme="legacy") if scheme == "legacy" else MinHash(num_perm=112)
+                m.update_batch([" ".join(w[k:k + 5]).encode() for k in range(len(w) - 4)])
+                out.append(m)
+            return out
+        mhs = timed("datasketch, legacy scheme (same values)", lambda: sketch("legacy"))
+        timed("datasketch, its default (affine32)", lambda: sketch("affine32"))
+        assert all(np.array_equal(m.hashvalues, s.astype(np.uint64)) for m, s in zip(mhs, compat) if len(m.hashvalues))
+    except ImportError:
+        mhs = None
+        print("datasketch is not installed: its rows are skipped")
+    try:
+        from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+        from datatrove.utils.hashing import HashConfig
+        with tempfile.TemporaryDirectory() as tmp:
+            ref = MinhashDedupSignature(tmp, config=MinhashConfig(hash_config=HashConfig(precision=32, hash_fc="sha1")),
+                                        language=datatrove_words())
+            timed("datatrove MinhashDedupSignature (sha1, 32 bits)",
+                  lambda: [ref.get_signature(s) for s in (ref.get_shingles(d) for d in docs) if s.size])
+    except ImportError:
+        print("datatrove is not installed: its row is skipped")
+    print(f"signatures of {len(docs)} documents ({mb:.1f} MB){'':<12}{'s':>8}{'docs/s':>10}{'ours fast is':>14}")
+    for label, s in rows.items():
+        print(f"  {label:<56}{s:>8.2f}{len(docs) / s:>10.0f}{s / rows['ours, fast']:>13.1f}x")
+    print("  (targets: >= 3x datasketch, >= 8x datatrove)")
+
+    # LSH: candidate buckets and the union-find, against datasketch's index (insert all, query each)
+    has = np.array([not np.all(s == 0xFFFFFFFF) for s in sigs])
+    t0 = time.perf_counter()
+    C.clusters(sigs[has])
+    ours = time.perf_counter() - t0
+    if mhs is not None:
+        t0 = time.perf_counter()
+        lsh = MinHashLSH(num_perm=112, params=(14, 8))
+        for i, m in enumerate(mhs):
+            if has[i]:
+                lsh.insert(i, m)
+        for i, m in enumerate(mhs):
+            if has[i]:
+                lsh.query(m)
+        theirs = time.perf_counter() - t0
+        print(f"LSH + clusters: ours {ours * 1e3:.1f} ms, datasketch MinHashLSH insert + query {theirs * 1e3:.1f} ms: "
+              f"{theirs / ours:.1f}x (target >= 2x)")
+
+    # the whole CLI, 1 and 2 workers: the same bytes out
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "copyright.jsonl"
+        src.write_text("".join(json.dumps({"id": p.parent.name, "text": p.read_text(encoding="utf-8", errors="replace")})
+                               + "\n" for p in paths))
+        wall = {}
+        for w in (1, 2):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "clean.py", f"--input={src}", f"--output={tmp}/out{w}", f"--workers={w}",
+                            "--filters=gopher,repetition,c4,fineweb"], cwd=ROOT, check=True, capture_output=True)
+            wall[w] = time.perf_counter() - t0
+        same = all((Path(tmp) / "out1" / f).read_bytes() == (Path(tmp) / "out2" / f).read_bytes()
+                   for f in ("docs.jsonl", "removed.jsonl", "summary.json"))
+        print(f"python clean.py, all four rule sets + exact + minhash: 1 worker {wall[1]:.1f}s, 2 workers {wall[2]:.1f}s "
+              f"({wall[1] / wall[2]:.2f}x); the same output: {same}")
+
+    # the classifier: Wikipedia and news articles against Usenet posts (the recipe's kind of data), fastText's
+    # default epoch and lr, the same features, trained and scored by ours and by fastText
+    quality = SHARED / "quality"
+    if not (quality / "abc_news.txt").exists():
+        print("classifier: no ../shared/data/quality: skipped")
+        return
+    pos = [l.strip() for l in open(quality / "abc_news.txt", encoding="utf-8") if l.strip()]
+    neg = [json.loads(l)["text"] for l in open(quality / "newsgroups.jsonl", encoding="utf-8")]
+    texts, labels = pos + neg, ["hq"] * len(pos) + ["lq"] * len(neg)
+    order = np.random.default_rng(0).permutation(len(texts))
+    texts, labels = [" ".join(texts[i].split()) for i in order], [labels[i] for i in order]
+    params = dict(dim=16, epoch=5, lr=0.1, word_ngrams=2, buckets=1 << 18)
+    t0 = time.perf_counter()
+    model = C.fit_classifier(texts, labels, **params)
+    ours_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    C.predict_proba(model, texts)
+    ours_pred = time.perf_counter() - t0
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            C.write_fasttext(f"{tmp}/train.txt", texts, labels)
+            Path(f"{tmp}/lines.txt").write_text("".join(t + "\n" for t in texts))
+            res, = fasttext_runs([{"train": f"{tmp}/train.txt", "lines": f"{tmp}/lines.txt", "what": "predict",
+                                   "params": dict(dim=16, epoch=5, lr=0.1, wordNgrams=2, bucket=1 << 18, minCount=1,
+                                                  loss="softmax")}])
+        print(f"classifier, {len(texts)} documents ({sum(map(len, texts)) / 1e6:.2f} MB), 5 epochs: training ours "
+              f"{ours_train:.2f}s vs fastText {res['train_s']:.2f}s; scoring ours {len(texts) / ours_pred:.0f} docs/s vs "
+              f"fastText {len(texts) / res['predict_s']:.0f} docs/s")
+    except unittest.SkipTest as e:
+        print(f"classifier: ours trains in {ours_train:.2f}s, scores {len(texts) / ours_pred:.0f} docs/s; fastText: {e}")
+
+# -----------------------------------------------------------------------------
 # eval (issue 6): batched scoring
 # Benchmarks of eval.py: batched log-likelihood scoring (one padded forward per
 
@@ -590,7 +791,7 @@ def smoke(tmp, data, chat_data, train_args, steps=30):
     return recs, first
 
 
-BENCHES = [bench_decode, bench_bpe_train, bench_encode, bench_prepare, bench_train, bench_parallel, bench_eval_batched_scoring, bench_eval_lm_throughput, bench_gpu]
+BENCHES = [bench_decode, bench_bpe_train, bench_encode, bench_prepare, bench_train, bench_parallel, bench_dedup, bench_eval_batched_scoring, bench_eval_lm_throughput, bench_gpu]
 
 if __name__ == "__main__":
     os.chdir(ROOT)

@@ -692,7 +692,7 @@ def test_gpu_smoke_script_runs_on_cpu():
             shape = ["--n_layer=2", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--block_size=64"]
             rates = bench.throughput([f"--data_root={tmp}/data", *data, "--batch_size=4", "--total_batch_size=256",
                                       "--dtype=float32", *shape], [], ["config/llama_1gpu.py", "--num_shards=0"],
-                                     "cpu", steps=10)
+                                     "cpu", steps=6)
     assert len(rates) == 3 and all(r > 0 for r in rates.values()), rates
     assert [r["step"] for r in first if "val_loss" in r] == [0, 10, 20]  # killed after the step-20 checkpoint
     resumed = [r["step"] for r in recs[len(first):] if "loss" in r or "val_loss" in r]
@@ -4524,31 +4524,8 @@ def test_finetune_gpt2_layout_import_gets_chat_token_rows():
 
 # ----- clean: clean.py, quality rules, MinHash near-duplicates, the classifier (-k clean) -----
 
+import bench
 import clean as CL
-
-
-class PlainWords:
-    """datatrove's WordTokenizer interface over clean.py's splitting (whitespace words, sentences after . ! ?):
-    datatrove then runs offline (no NLTK download) and sees the words clean.py sees."""
-
-    def __new__(cls):
-        from datatrove.utils.word_tokenizers import WordTokenizer
-
-        class Plain(WordTokenizer):
-            def word_tokenize(self, text):
-                return text.split()
-
-            def sent_tokenize(self, text):
-                return CL.sentences(text)
-
-            def span_tokenize(self, text):
-                spans, start = [], 0
-                for s in CL.sentences(text):
-                    a = text.index(s, start)
-                    spans.append((a, a + len(s)))
-                    start = a + len(s)
-                return spans or [(0, len(text))]
-        return Plain("en")
 
 
 def need(module, package):
@@ -4589,16 +4566,16 @@ def quality_corpus(max_chars=100_000):
 
 def test_clean_rules_decide_as_datatrove():
     """Every quality rule's keep/drop decision and the rule named, and the text c4 keeps, equal datatrove's
-    filters (GopherQuality, GopherRepetition, C4Quality, FineWebQuality, their default thresholds) on ~1,400
-    real documents."""
+    filters (GopherQuality, GopherRepetition, C4Quality, FineWebQuality, their default thresholds) on ~1,300
+    real documents (those under 30,000 characters)."""
     need("datatrove", "datatrove")
     from datatrove.data import Document
     from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
-    words = PlainWords()
+    words = bench.datatrove_words()
     ref = {"gopher": GopherQualityFilter(language=words), "repetition": GopherRepetitionFilter(language=words),
            "c4": C4QualityFilter(language=words), "fineweb": FineWebQualityFilter(language=words)}
-    docs = quality_corpus()
-    assert len(docs) > 1300
+    docs = quality_corpus(30_000)
+    assert len(docs) > 1200
     for name, f in ref.items():
         seen = Counter()
         for i, text in enumerate(docs):
@@ -4625,7 +4602,7 @@ def test_clean_minhash_signatures_and_pairs_as_datatrove_and_datasketch():
     docs = [d for d in quality_corpus() if len(d) <= 30_000] + ["four words only here", "", "5 words: a b c"]
     with tempfile.TemporaryDirectory() as tmp:
         ref = MinhashDedupSignature(tmp, config=MinhashConfig(hash_config=HashConfig(precision=32, hash_fc="sha1")),
-                                    language=PlainWords())
+                                    language=bench.datatrove_words())
     perms = CL.permutations()
     assert all(np.array_equal(x, y.ravel()) for x, y in zip(perms, ref.parameters))
     sets = [CL.shingles(d, "compat") for d in docs]
@@ -4824,13 +4801,13 @@ def test_clean_prepare_integration():
     with tempfile.TemporaryDirectory() as d:
         files = _corpus_files(d)
         run(["prepare.py", "--dataset=local", f"--input={files[0]}", f"--data_root={d}/data", "--tokenizer=byte",
-             "--filters=gopher,fineweb", "--dedup=exact,minhash"], check=0)
-        run(["clean.py", f"--input={files[0]}", f"--output={d}/cl", "--filters=gopher,fineweb"], check=0)
+             "--filters=gopher,repetition", "--dedup=exact,minhash"], check=0)
+        run(["clean.py", f"--input={files[0]}", f"--output={d}/cl", "--filters=gopher,repetition"], check=0)
         meta, decoded = _decode_splits(Path(d) / "data" / "local")
         want = [json.loads(l)["text"] for l in (Path(d) / "cl" / "docs.jsonl").read_text().splitlines()]
         assert decoded["train"] + decoded["val"] == want
         assert meta["clean"] == json.loads((Path(d) / "cl" / "summary.json").read_text())
-        assert meta["settings"]["filters"] == ["gopher", "fineweb"] and meta["settings"]["dedup"] == ["exact", "minhash"]
+        assert meta["settings"]["filters"] == ["gopher", "repetition"] and meta["settings"]["dedup"] == ["exact", "minhash"]
         assert {r["stage"] for r in meta["clean"]["removed"]} >= {"filters", "exact", "minhash"}
 
 
@@ -4874,48 +4851,6 @@ FT_PARITY = dict(dim=16, epoch=25, lr=1.0, word_ngrams=2, buckets=2**16, min_cou
 FT_SPLITS, FT_TRAIN = 20, 150  # 20 seeded 150/50 splits of each 200-doc set
 
 
-FASTTEXT_RUNNER = r"""
-import ctypes, json, sys
-import numpy as np
-# fastText 0.9.2 with thread=1 fills only the first tenth of its input matrix at init (one block per thread);
-# the rest is whatever malloc returns: zeros from a fresh mmap, but a freed model's weights (or NaN) from a
-# reused heap chunk, so trainings in a busy process disagree or stop with 'Encountered NaN'. Here, in a fresh
-# process with glibc's mmap threshold pinned, every matrix over 128 KiB is a fresh, zeroed mmap.
-if ctypes.CDLL(None).mallopt(-3, 1 << 17) != 1:
-    sys.exit(3)
-import fasttext
-for job in json.load(sys.stdin):
-    ft = fasttext.train_supervised(input=job["train"], verbose=0, thread=1, **job["params"])
-    lines = [l + b"\n" for l in open(job["lines"], "rb").read().split(b"\n")[:-1]]
-    res = {}
-    if job["what"] == "predict":  # the C++ call: the wrapper's predict() takes only str (pang_lee has Latin-1 bytes)
-        labels, probs = ft.f.multilinePredict(lines, -1, 0.0, "strict")
-        res["probs"] = [dict(zip(ls, map(float, ps))) for ls, ps in zip(labels, probs)]
-    else:  # its input matrix, word ids and sentence vectors
-        np.save(job["train"] + ".W.npy", ft.get_input_matrix())
-        res["ids"] = [ft.f.getWordId(w.encode("utf-8", "surrogateescape")) for w in job["words"]]
-        res["vectors"] = []
-        for l in lines:
-            v = fasttext.FastText.fasttext.Vector(job["params"]["dim"])
-            ft.f.getSentenceVector(v, l)
-            res["vectors"].append(np.array(v).tolist())
-    with open(job["train"] + ".json", "w") as f:
-        json.dump(res, f)
-"""
-
-
-def fasttext_runs(jobs):
-    """Train and query the real fastText (fasttext-numpy2-wheel) in a fresh process (see FASTTEXT_RUNNER):
-    jobs are {"train": fastText file, "params", "lines": file of texts, "what": "predict" | "vectors", ...};
-    returns each job's result. SkipTest without fastText or glibc."""
-    need("fasttext", "fastText (fasttext-numpy2-wheel)")
-    p = subprocess.run([PY, "-c", FASTTEXT_RUNNER], input=json.dumps(jobs), capture_output=True, text=True, timeout=300)
-    if p.returncode == 3:
-        raise unittest.SkipTest("no glibc mallopt: fastText's uninitialised input rows would make it nondeterministic")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return [json.loads(Path(j["train"] + ".json").read_text()) for j in jobs]
-
-
 def _write_lines(path, texts):
     Path(path).write_bytes(b"".join(t.encode("utf-8", "surrogateescape") + b"\n" for t in texts))
 
@@ -4949,7 +4884,7 @@ def test_clean_classifier_features_match_fasttext():
     with tempfile.TemporaryDirectory() as tmp:
         CL.write_fasttext(f"{tmp}/train.txt", texts[:100] + extra, labels[:100] + ["pos"] * len(extra))
         _write_lines(f"{tmp}/lines.txt", probe)
-        res, = fasttext_runs([{"train": f"{tmp}/train.txt", "lines": f"{tmp}/lines.txt", "what": "vectors",
+        res, = bench.fasttext_runs([{"train": f"{tmp}/train.txt", "lines": f"{tmp}/lines.txt", "what": "vectors",
                                "words": model["vocab"], "params": dict(dim=4, epoch=1, wordNgrams=2, bucket=buckets,
                                                                        minCount=1)}])
         W = np.load(f"{tmp}/train.txt.W.npy")
@@ -4981,7 +4916,7 @@ def test_clean_classifier_parity_with_fasttext():
                 jobs.append({"train": path + ".train", "lines": path + ".test", "what": "predict", "params": dict(
                     dim=FT_PARITY["dim"], epoch=FT_PARITY["epoch"], lr=FT_PARITY["lr"], wordNgrams=FT_PARITY["word_ngrams"],
                     bucket=FT_PARITY["buckets"], minCount=FT_PARITY["min_count"], loss="softmax", seed=split)})
-        results = fasttext_runs(jobs)
+        results = bench.fasttext_runs(jobs)
     for name in _labelled_sets():
         acc, ft_acc, rho, gap = [], [], [], []
         for (n, pos, gold, probs, names), res in zip(ours, results):
