@@ -470,6 +470,9 @@ def signatures(shingle_sets, perms, rows=2048):
             np.subtract(xx, p, out=xx, where=bb)
         xx &= lo32
         first, last = np.searchsorted(ends, [lo, lo + n - 1], side="right")  # the documents this block touches
+        if first == last:  # one document (a long one): a plain min is 2x faster than reduceat
+            out[docs[first]] = np.minimum(out[docs[first]], xx.min(0))
+            continue
         seg = docs[first:last + 1]
         offsets = np.maximum(starts[first:last + 1], lo) - lo
         out[seg] = np.minimum(out[seg], np.minimum.reduceat(xx, offsets, axis=0))

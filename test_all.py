@@ -4843,6 +4843,88 @@ def test_clean_quality_classifier_cli_keeps_the_top_share():
         assert max(r["score"] for r in low) <= min(p_hq[CL.quantile_keep(p_hq, 0.5)]) + 1e-6
 
 
+# ----- rl: reward.py and rl.py, the algorithm's pieces (-k rl) -----
+
+import reward as RW
+import rl as RL
+
+
+def _digit_gpt(seed=0, head=False):
+    """A 2-layer GPT over 16 tokens (digits, a separator 10, an end 11): the toy task's model."""
+    torch.manual_seed(seed)
+    m = M.GPT(M.GPTConfig(vocab_size=16, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=False, norm="rmsnorm",
+                          pos="learned", mlp="swiglu", tie_embeddings=False))
+    return RW.with_value_head(m) if head else m
+
+
+def test_rl_bradley_terry_is_ln2_at_equal_rewards_and_centers():
+    r = torch.tensor([0.0, 1.5, -3.0])
+    assert torch.allclose(RW.bt_loss(r, r), torch.full((3,), math.log(2)))
+    a, b = torch.tensor([2.0]), torch.tensor([-1.0])
+    assert torch.allclose(RW.bt_loss(a, b, 0.01), -F.logsigmoid(a - b) + 0.01 * (a + b) ** 2)
+    m = _digit_gpt(head=True)  # the head reads each row at its last real token, whatever the padding
+    seqs = [[1, 2, 3, 10, 2, 3, 4, 11], [5, 10, 6, 11]]
+    x, last = RW.sequences_batch(seqs, 0, "cpu")
+    with torch.no_grad():
+        both = RW.sequence_rewards(m, x, last)
+        alone = [RW.sequence_rewards(m, *RW.sequences_batch([s], 0, "cpu")) for s in seqs]
+    assert torch.allclose(both, torch.cat(alone), atol=1e-6) and m(x)[0].shape[-1] == 1
+
+
+def test_rl_gae_hand_computed():
+    """Three steps, gamma 0.9, lambda 0.8: deltas 0.68, -0.11, 1.9 (the value after the end is 0), advantages
+    1.58576, 1.258, 1.9; a second, 2-token reply ignores what lies past its end."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.4, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    adv, ret = RL.gae(rewards, values, mask, 0.9, 0.8)
+    assert torch.allclose(adv[0], torch.tensor([1.58576, 1.258, 1.9]))
+    assert torch.allclose(ret[0], torch.tensor([2.08576, 1.458, 2.0]))
+    d1, d0 = 1.0 - 0.4, 0.5 + 0.9 * 0.4 - 0.3  # row 2: the value after its last token is 0
+    assert torch.allclose(adv[1], torch.tensor([d0 + 0.72 * d1, d1, 0.0])) and ret[1, 2] == 0
+
+
+def test_rl_group_advantages_have_mean_zero():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.2, 0.2, 0.2, 0.2, 3.0, -1.0, 0.5, 0.5])
+    a = RL.group_advantages(r, 4).view(3, 4)
+    assert torch.allclose(a.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(a[0], (r[:4] - 0.5) / (r[:4].std() + 1e-4)) and torch.equal(a[1], torch.zeros(4))
+
+
+def test_rl_kl_and_score_sit_on_the_reply_tokens():
+    """Reply-aligned tensors hold exactly the reply tokens' log-probs (each row as it is alone, prompts of
+    different lengths); PPO's rewards are -kl_coef * KL on each reply token and the score on its last one,
+    nothing on padding; and with policy = reference, the first pass has KL 0, ratio 1, clipfrac 0."""
+    m = _digit_gpt()
+    prompts, replies = [[1, 2, 3, 10], [7, 10]], [[2, 3, 4, 11], [8, 11]]
+    logp, mask = RL.token_logps(m, prompts, replies, "cpu")
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+    for b, (p, r) in enumerate(zip(prompts, replies)):
+        with torch.no_grad():
+            lp = torch.log_softmax(m(torch.tensor([p + r]))[0][0], -1)
+        want = torch.stack([lp[len(p) - 1 + j, t] for j, t in enumerate(r)])
+        assert torch.allclose(logp[b, :len(r)], want, atol=1e-5) and (logp[b, len(r):] == 0).all()
+    ref = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, 5.0, 5.0]])
+    pi = torch.tensor([[-0.5, -1.0, -2.0, -1.0], [-1.0, -2.0, 9.0, 9.0]])
+    rewards, kl = RL.ppo_rewards(pi, ref, mask, torch.tensor([10.0, 20.0]), 0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 0.1, 10.0], [-0.1, 20.0, 0.0, 0.0]]))
+    ref_model = _digit_gpt()  # the same weights: policy = reference
+    with torch.no_grad():
+        old, _ = RL.token_logps(m, prompts, replies, "cpu")
+        ref_logp, _ = RL.token_logps(ref_model, prompts, replies, "cpu")
+    _, kl = RL.ppo_rewards(old, ref_logp, mask, torch.zeros(2), 0.05)
+    assert kl.abs().max() == 0
+    adv = torch.randn(2, 4) * mask
+    value = torch.zeros(2, 4)
+    _, st = RL.ppo_loss(logp, old, adv, value, value, value, mask, 0.2, 0.2, 0.1)
+    assert st["val/ratio"] == 1 and st["policy/clipfrac"] == 0 and st["policy/approxkl"] == 0
+    _, st = RL.grpo_loss(logp, old, ref_logp, torch.tensor([1.0, -1.0]), mask, 0.2, 0.04)
+    assert st["val/ratio"] == 1 and st["objective/kl"] == 0 and st["policy/clipfrac"] == 0
+
+
+
+
 # ----- clean: the fastText-style classifier, against fastText itself (last: fastText's test pins malloc) -----
 
 # Same for ours and fastText. lr and epoch are far above fastText's defaults (0.1, 5), which on 150 training

@@ -1,0 +1,263 @@
+"""
+Reinforcement learning from a reward, starting from an SFT checkpoint: PPO against a reward model (InstructGPT;
+TRL's PPOTrainer) or GRPO with a reward model or a verifiable reward (DeepSeekMath; TRL's GRPOTrainer).
+
+    python rl.py --algo=ppo --reward_model=out-rm           # out-sft on pydocs-qa's prompts -> out-rl (offline)
+    python rl.py --algo=grpo --reward=gsm8k --data=../shared/data/eval/gsm8k_test.jsonl
+    python rl.py --algo=grpo --reward=mymodule:score        # your own function (prompt, reply) -> float
+
+PPO, per batch of prompts: sample a reply each (batched, ragged); score it with the reward model at its last
+token (less missing_eos_penalty if it never ended); per token, a KL penalty -kl_coef * (log pi - log ref) (the
+k1 estimator) with the score added on the last token; GAE (gamma, lam) against the value model's estimates;
+advantages whitened; then ppo_epochs passes over the batch in minibatches with the clipped policy loss and the
+clipped value loss. The value model is its own model, started from the reward model as TRL does.
+GRPO, per batch of prompts: num_generations replies each; advantages (r - group mean) / (group std + eps); the
+clipped ratio loss plus beta * KL to the reference (the k3 estimator), normalised over all reply tokens.
+Models held: PPO 4 (policy and value trained; reference and reward model frozen, run under no_grad); GRPO 1 to
+3 (the policy; the reference when beta > 0; the reward model when it scores).
+Logged with TRL's names: objective/kl, objective/entropy, objective/scores, objective/rlhf_reward,
+policy/approxkl_avg, policy/clipfrac_avg, loss/policy_avg, loss/value_avg, val/ratio, the mean reply length,
+and every eval_interval the mean reward of greedy replies to the held-out prompts (eval/reward).
+"""
+import copy
+import importlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import chat_data as C
+import reward as R
+from common import die
+
+# -----------------------------------------------------------------------------
+# config (python rl.py --help lists these)
+algo = "grpo"              # 'ppo' | 'grpo'
+init_from = "out-sft"      # the SFT checkpoint: the policy, and the frozen reference
+out_dir = "out-rl"
+overwrite = False
+reward_model = ""          # a reward.py out_dir: PPO's reward (and its value model's start); GRPO's unless --reward
+reward = ""                # a verifiable reward instead: gsm8k | code | module:function, (prompt, reply) -> float
+data = "pydocs-qa"         # prompts: pydocs-qa, or a .jsonl of {"prompt": ...} or {"messages": [...]} lines
+data_root = "data"
+val_frac = 0.1
+eval_prompts = 64          # held-out prompts whose greedy replies are scored every eval_interval
+system_prompt = ""
+max_new_tokens = 64
+temperature = 1.0          # sampling of the rollouts
+batch_prompts = 16         # prompts per rollout batch
+num_generations = 8        # GRPO: replies per prompt (a group)
+ppo_epochs = 4             # PPO: passes over each rollout batch
+num_minibatches = 4        # PPO: minibatches per pass
+cliprange = 0.2
+cliprange_value = 0.2
+vf_coef = 0.1
+gamma = 1.0
+lam = 0.95
+kl_coef = 0.05             # PPO: the per-token KL penalty
+missing_eos_penalty = 1.0  # PPO: subtracted from the score of a reply that never ended
+beta = 0.04                # GRPO: the KL term's weight (0: no reference model)
+max_iters = 100            # rollout batches
+eval_interval = 10
+learning_rate = 1e-5
+weight_decay = 0.0
+grad_clip = 1.0
+device = "auto"
+seed = 1337
+# -----------------------------------------------------------------------------
+
+# the algorithm, on token ids (the CLI below turns text into them): prompts and replies are lists of ids, and
+# per-token tensors are reply-aligned, (B, R): column j is reply token j of each row, mask marking the real ones
+
+
+def rollout(policy, prompts, max_new, temperature, stop_ids, num_samples=1, seed=None):
+    """Sampled replies (lists of ids, each ending at its first stop token, which it keeps) of the prompts, in
+    one ragged batch: reply b*num_samples + s is sample s of prompt b."""
+    replies = [[] for _ in range(len(prompts) * num_samples)]
+    for step in policy.generate([list(p) for p in prompts], max_new, temperature=temperature, stop_tokens=tuple(stop_ids),
+                                seed=seed, num_samples=num_samples):
+        for r, t in enumerate(step.tolist()):
+            if t >= 0:
+                replies[r].append(t)
+    return replies
+
+
+def reply_outputs(model, prompts, replies, device):
+    """The model's outputs at the positions that predict each reply token, (B, R, V): one forward pass over
+    prompt + reply, right-padded (each row is what it is alone), and the (B, R) mask of real reply tokens."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, replies)]
+    x, _ = R.sequences_batch(seqs, 0, device)
+    out = model(x)[0]
+    width = max(1, max(len(r) for r in replies))
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the position predicting reply token 0
+    pos = (start[:, None] + torch.arange(width, device=device)).clamp(max=x.size(1) - 1)
+    mask = torch.arange(width, device=device)[None] < torch.tensor([len(r) for r in replies], device=device)[:, None]
+    return out[torch.arange(len(seqs), device=device)[:, None], pos], mask
+
+
+def token_logps(model, prompts, replies, device, with_entropy=False):
+    """(log p of each reply token (B, R), mask), and the entropy of each position's distribution if asked."""
+    logits, mask = reply_outputs(model, prompts, replies, device)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.zeros(mask.shape, dtype=torch.long, device=device)
+    for b, r in enumerate(replies):
+        ids[b, :len(r)] = torch.as_tensor(r)
+    taken = logp.gather(-1, ids[..., None])[..., 0] * mask
+    if with_entropy:
+        return taken, mask, -(logp.exp() * logp).sum(-1) * mask
+    return taken, mask
+
+
+def values_of(value_model, prompts, replies, device):
+    """The value model's estimate (B, R) at each position that predicts a reply token, 0 past a reply's end."""
+    v, mask = reply_outputs(value_model, prompts, replies, device)
+    return v[..., 0].float() * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True):
+    """x normalised to mean 0 (unless shift_mean=False) and variance 1 over the masked entries (TRL's
+    masked_whiten, unbiased variance); 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def ppo_rewards(logp, ref_logp, mask, scores, kl_coef):
+    """(rewards, kl) per reply token: rewards = -kl_coef * (log pi - log ref) on every token, plus the score on
+    each reply's last token; prompt and padding get nothing (they are not in the reply-aligned tensors, and
+    the mask zeroes the padding)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last.clamp(min=0)] += torch.where(last >= 0, scores, torch.zeros_like(scores))
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation over each reply (Schulman et al. 2016): delta_t = r_t + gamma v_{t+1}
+    - v_t, A_t = delta_t + gamma lam A_{t+1}, the value after a reply's last token being 0; returns = A + v.
+    Zero past a reply's end."""
+    values, rewards = values * mask, rewards * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(len(rewards), device=rewards.device)
+    for t in reversed(range(rewards.size(1))):
+        nxt = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def ppo_loss(logp, old_logp, adv, vpred, old_values, returns, mask, cliprange, cliprange_value, vf_coef):
+    """PPO's clipped policy loss and clipped value loss (masked means over reply tokens) and their figures."""
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+    vclip = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)
+    vf = 0.5 * torch.maximum((vpred - returns) ** 2, (vclip - returns) ** 2)
+    pg_loss, vf_loss = masked_mean(pg, mask), masked_mean(vf, mask)
+    with torch.no_grad():
+        stats = {"policy/approxkl": masked_mean(0.5 * (logp - old_logp) ** 2, mask),
+                 "policy/clipfrac": masked_mean((-adv * ratio.clamp(1 - cliprange, 1 + cliprange) > -adv * ratio).float(), mask),
+                 "loss/policy": pg_loss, "loss/value": vf_loss, "val/ratio": masked_mean(ratio, mask),
+                 "val/clipfrac": masked_mean(((vpred - returns) ** 2 < (vclip - returns) ** 2).float(), mask)}
+    return pg_loss + vf_coef * vf_loss, stats
+
+
+def group_advantages(rewards, group, eps=1e-4):
+    """GRPO's advantages: each reward minus its group's mean, over the group's std (unbiased, as TRL) + eps."""
+    r = rewards.view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
+    """GRPO's per-token loss -min(ratio A, clip(ratio) A) + beta * KL(pi || ref) (k3: e^(ref - pi) - (ref - pi) - 1),
+    summed over every reply token of the batch and divided by their number (token-level normalisation)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per = -torch.minimum(ratio * a, ratio.clamp(1 - cliprange, 1 + cliprange) * a)
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta else torch.zeros_like(logp)
+    loss = ((per + beta * kl) * mask).sum() / mask.sum().clamp(min=1)
+    with torch.no_grad():
+        stats = {"objective/kl": masked_mean(kl, mask), "policy/clipfrac": masked_mean(
+            ((ratio < 1 - cliprange) | (ratio > 1 + cliprange)).float(), mask), "loss/policy": loss,
+            "val/ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def ppo_step(policy, ref, value_model, score_fn, prompts, opt, cfg, gen_seed):
+    """One PPO iteration on a batch of prompts: rollouts, rewards, GAE, then cfg['ppo_epochs'] passes of
+    minibatches. score_fn(prompts, replies) -> (B,) scores. Returns the logged figures."""
+    dev = next(policy.parameters()).device
+    replies = rollout(policy, prompts, cfg["max_new_tokens"], cfg["temperature"], cfg["stop_ids"], 1, gen_seed)
+    with torch.no_grad():
+        old_logp, mask, entropy = token_logps(policy, prompts, replies, dev, with_entropy=True)
+        ref_logp, _ = token_logps(ref, prompts, replies, dev)
+        values = values_of(value_model, prompts, replies, dev)
+        scores = score_fn(prompts, replies).float().to(dev)
+        ended = torch.tensor([bool(r) and r[-1] in cfg["stop_ids"] for r in replies], device=dev)
+        scores = scores - cfg["missing_eos_penalty"] * (~ended)
+        rewards, kl = ppo_rewards(old_logp, ref_logp, mask, scores, cfg["kl_coef"])
+        adv, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
+        adv = whiten(adv, mask)
+    stats, n = {}, len(prompts)
+    order = torch.Generator().manual_seed(gen_seed or 0)
+    size = max(1, n // cfg["num_minibatches"])
+    for _ in range(cfg["ppo_epochs"]):
+        perm = torch.randperm(n, generator=order).tolist()
+        for i in range(0, n, size):
+            mb = perm[i:i + size]
+            p, r = [prompts[k] for k in mb], [replies[k] for k in mb]
+            logp, m = token_logps(policy, p, r, dev)
+            vpred = values_of(value_model, p, r, dev)
+            loss, st = ppo_loss(logp, old_logp[mb], adv[mb], vpred, values[mb], returns[mb], m,
+                                cfg["cliprange"], cfg["cliprange_value"], cfg["vf_coef"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg["grad_clip"])
+            opt.step()
+            for k, v in st.items():
+                stats.setdefault(k, []).append(float(v))
+    kl_sum = kl.sum(1)
+    out = {f"{k}_avg": sum(v) / len(v) for k, v in stats.items()}
+    out.update({"objective/kl": kl_sum.mean().item(), "objective/entropy": entropy.sum(1).mean().item(),
+                "objective/scores": scores.mean().item(), "objective/non_score_reward": (-cfg["kl_coef"] * kl_sum).mean().item(),
+                "objective/rlhf_reward": (scores - cfg["kl_coef"] * kl_sum).mean().item(),
+                "val/num_eos_tokens": int(ended.sum()), "reply_length": mask.sum(1).float().mean().item()})
+    return out
+
+
+def grpo_step(policy, ref, reward_fn, prompts, opt, cfg, gen_seed):
+    """One GRPO iteration: num_generations replies per prompt, group advantages, then num_iterations gradient
+    steps on them (the first is on-policy: ratio 1, with a live gradient; later ones are clipped against the
+    sampling policy's log-probs). reward_fn(prompts, replies) -> (B,)."""
+    dev = next(policy.parameters()).device
+    G = cfg["num_generations"]
+    replies = rollout(policy, prompts, cfg["max_new_tokens"], cfg["temperature"], cfg["stop_ids"], G, gen_seed)
+    rep_prompts = [p for p in prompts for _ in range(G)]
+    rewards = reward_fn(rep_prompts, replies).float().to(dev)
+    adv = group_advantages(rewards, G)
+    with torch.no_grad():
+        old_logp = token_logps(policy, rep_prompts, replies, dev)[0]
+        ref_logp = token_logps(ref, rep_prompts, replies, dev)[0] if cfg["beta"] else old_logp
+    stats = {}
+    for _ in range(cfg.get("num_iterations", 1)):
+        logp, mask, entropy = token_logps(policy, rep_prompts, replies, dev, with_entropy=True)
+        loss, st = grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg["cliprange"], cfg["beta"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg["grad_clip"])
+        opt.step()
+        for k, v in st.items():
+            stats.setdefault(k if k.startswith("objective") else f"{k}_avg", []).append(float(v.detach()))
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out.update({"objective/scores": rewards.mean().item(), "reward_std": rewards.view(-1, G).std(1).mean().item(),
+                "objective/entropy": masked_mean(entropy.detach(), mask).item(), "reply_length": mask.sum(1).float().mean().item()})
+    return out
