@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import chat_data as C
 import reward as R
@@ -166,7 +165,7 @@ def ppo_loss(logp, old_logp, adv, vpred, old_values, returns, mask, cliprange, c
     with torch.no_grad():
         stats = {"policy/approxkl": masked_mean(0.5 * (logp - old_logp) ** 2, mask),
                  "policy/clipfrac": masked_mean((-adv * ratio.clamp(1 - cliprange, 1 + cliprange) > -adv * ratio).float(), mask),
-                 "loss/policy": pg_loss, "loss/value": vf_loss, "val/ratio": masked_mean(ratio, mask),
+                 "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "val/ratio": masked_mean(ratio, mask),
                  "val/clipfrac": masked_mean(((vpred - returns) ** 2 < (vclip - returns) ** 2).float(), mask)}
     return pg_loss + vf_coef * vf_loss, stats
 
@@ -187,7 +186,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     loss = ((per + beta * kl) * mask).sum() / mask.sum().clamp(min=1)
     with torch.no_grad():
         stats = {"objective/kl": masked_mean(kl, mask), "policy/clipfrac": masked_mean(
-            ((ratio < 1 - cliprange) | (ratio > 1 + cliprange)).float(), mask), "loss/policy": loss,
+            ((ratio < 1 - cliprange) | (ratio > 1 + cliprange)).float(), mask), "loss/policy": loss.detach(),
             "val/ratio": masked_mean(ratio, mask)}
     return loss, stats
 
@@ -261,3 +260,164 @@ def grpo_step(policy, ref, reward_fn, prompts, opt, cfg, gen_seed):
     out.update({"objective/scores": rewards.mean().item(), "reward_std": rewards.view(-1, G).std(1).mean().item(),
                 "objective/entropy": masked_mean(entropy.detach(), mask).item(), "reply_length": mask.sum(1).float().mean().item()})
     return out
+
+# -----------------------------------------------------------------------------
+# the command line: text in and out, the models, the loop
+
+
+def load_prompts(data, data_root, val_frac):
+    """(train, val) prompts as {"messages": the conversation so far, "answer": a reference answer or None}:
+    pydocs-qa's questions (its answers as references), a GSM8K file (question, '#### N' answer), or a .jsonl
+    or .json of {"prompt": text}, {"messages": [...]}, Alpaca or preference records (a last assistant reply is
+    dropped from the prompt and kept as its reference answer)."""
+    if data == "pydocs-qa":
+        train, val = C.load_split(data, data_root, val_frac, "sft")
+        to = lambda conv: {"messages": conv[:-1], "answer": conv[-1]["content"]}
+        return [to(c) for c in train], [to(c) for c in val]
+    items = []
+    for where, rec in C.read_records(data):
+        if "question" in rec and "answer" in rec:  # GSM8K
+            items.append({"messages": [{"role": "user", "content": C.field(rec, "question", where)}],
+                          "answer": C.field(rec, "answer", where)})
+        elif "prompt" in rec:
+            items.append({"messages": [{"role": "user", "content": C.field(rec, "prompt", where)}],
+                          "answer": rec.get("answer")})
+        elif "messages" in rec and C.check_messages(rec["messages"], where)[-1]["role"] != "assistant":
+            items.append({"messages": C.check_messages(rec["messages"], where), "answer": None})
+        else:  # a conversation, Alpaca or preference record: its last reply is the reference
+            conv = C.conversation(rec, where)
+            if conv:
+                items.append({"messages": conv[:-1], "answer": conv[-1]["content"]})
+    train, val = C.split_records(items, val_frac)
+    if not train or not val:
+        die(f"{data} gives {len(train)} train and {len(val)} val prompts: it needs some of each")
+    return train, val
+
+
+def verifiable(spec):
+    """--reward as a function (prompt text, reply text, reference answer) -> float: gsm8k (1 when the reply's
+    final number is the reference's), or module:function, your own f(prompt, reply) -> number."""
+    if spec == "gsm8k":
+        from eval import extract_number
+        return lambda prompt, reply, answer: float(answer is not None and extract_number(reply) is not None
+                                                   and extract_number(reply) == extract_number(answer))
+    if ":" not in spec:
+        die(f"--reward={spec} is not gsm8k or module:function (a Python function (prompt, reply) -> number)")
+    mod, _, name = spec.partition(":")
+    import sys
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        die(f"--reward={spec} cannot be imported ({type(e).__name__}: {e}): give module:function of a .py file here")
+
+    def call(prompt, reply, answer):
+        v = fn(prompt, reply)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            die(f"--reward={spec} returned {v!r} for a reply: it must return a finite number")
+        return float(v)
+    return call
+
+
+def main():
+    from common import fmt_time, metrics_log, pick_device, save_checkpoint
+    if algo not in ("ppo", "grpo"):
+        die(f"algo must be 'ppo' or 'grpo', got {algo!r}")
+    if algo == "grpo" and num_generations < 2:
+        die(f"num_generations={num_generations}: GRPO compares replies within a group, it needs at least 2")
+    if algo == "ppo" and not reward_model:
+        die("PPO scores with a reward model: give --reward_model=DIR (train one with python reward.py)")
+    if not reward_model and not reward:
+        die("give --reward_model=DIR (a reward.py model) or --reward=gsm8k|module:function")
+    ckpt_path = C.output_checkpoint({**config, "batch_size": batch_prompts, "grad_accum": 1, "epochs": 1, "log_interval": 1},
+                                    "SFT model")  # (the checks finetune.py and dpo.py share: counts, no overwriting)
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    policy, base, tok = C.load_start(init_from, dev, grow_vocab=True)
+    if base is None or not base.get("chat"):
+        die(f"{init_from} is not a chat model (it was never fine-tuned with the chat tokens): run SFT first "
+            f"(python finetune.py --init_from={init_from} --out_dir=out-sft), then rl.py --init_from=out-sft")
+    stop_ids = (tok.special["<|end|>"], tok.eot_id)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if algo == "ppo" or beta else None
+    fn = verifiable(reward) if reward else None
+    rm = value = None
+    if reward_model and (algo == "ppo" or fn is None):
+        rm, rm_ckpt, _ = R.load_reward_model(reward_model, dev)
+        rm.requires_grad_(False)
+        if rm_ckpt["tokenizer"] != base["tokenizer"] or rm_ckpt["model_args"]["vocab_size"] != policy.config.vocab_size:
+            die(f"the reward model {reward_model} uses another tokenizer than the policy {init_from}: train it from "
+                f"the same SFT model (python reward.py --init_from={init_from})")
+        if algo == "ppo":
+            value = copy.deepcopy(rm).train().requires_grad_(True)  # TRL starts the value model from the reward model
+    train, val = load_prompts(data, data_root, val_frac)
+    val = C.spread(val, eval_prompts)
+    room = policy.config.block_size - max_new_tokens
+    if room < 8:
+        die(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {policy.config.block_size}")
+    encode = lambda items: [dict(it, ids=C.chat_ids(tok, C.with_system(it["messages"], system_prompt), True)[0]) for it in items]
+    train, val = [p for p in encode(train) if len(p["ids"]) <= room], [p for p in encode(val) if len(p["ids"]) <= room]
+    if not train or not val:
+        die(f"no prompt fits in {room} tokens (the context less max_new_tokens): lower --max_new_tokens")
+
+    def text(ids):
+        return tok.decode([t for t in ids if t not in stop_ids and t < tok.n_vocab])
+
+    def scores(items, replies):
+        if fn is not None:
+            return torch.tensor([fn(it["messages"][-1]["content"], text(r), it.get("answer")) for it, r in zip(items, replies)])
+        with torch.no_grad():
+            x, last = R.sequences_batch([it["ids"] + r for it, r in zip(items, replies)], tok.eot_id, dev)
+            return R.sequence_rewards(rm, x, last)
+
+    by_ids = {}
+    score_fn = lambda prompts, replies: scores([by_ids[tuple(p)] for p in prompts], replies)
+    params = list(policy.parameters()) + (list(value.parameters()) if value is not None else [])
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    cfg = dict(config, stop_ids=stop_ids)
+    log = metrics_log(out_dir)
+
+    def evaluate(step):
+        replies = rollout(policy, [p["ids"] for p in val], max_new_tokens, 0.0, stop_ids)
+        s = scores(val, replies).float()
+        rec = {"step": step, "eval/reward": s.mean().item()}
+        if fn is not None:
+            rec["eval/pass_rate"] = (s >= 1).float().mean().item()
+        print(f"step {step}: held-out reward of greedy replies {rec['eval/reward']:.4f}"
+              + (f", pass rate {rec['eval/pass_rate']:.3f}" if fn is not None else ""))
+        log(rec)
+        return rec["eval/reward"]
+
+    print(f"{algo}: {len(train)} train prompts, {len(val)} held out; reward: "
+          f"{reward or 'the reward model ' + reward_model}; {max_iters} iterations of {batch_prompts} prompts"
+          + (f" x {num_generations} replies" if algo == "grpo" else ""))
+    first, best = evaluate(0), -math.inf
+    gen = torch.Generator().manual_seed(seed)
+    order, t0 = [], time.time()
+    for step in range(1, max_iters + 1):
+        while len(order) < batch_prompts:
+            order += torch.randperm(len(train), generator=gen).tolist()
+        batch, order = [train[i] for i in order[:batch_prompts]], order[batch_prompts:]
+        by_ids.update({tuple(p["ids"]): p for p in batch})
+        prompts = [p["ids"] for p in batch]
+        st = (ppo_step(policy, ref, value, score_fn, prompts, opt, cfg, seed + step) if algo == "ppo" else
+              grpo_step(policy, ref, score_fn, prompts, opt, cfg, seed + step))
+        log({"step": step, **st})
+        eta = (time.time() - t0) / step * (max_iters - step)
+        print(f"iter {step}/{max_iters} | scores {st['objective/scores']:+.4f} | kl {st.get('objective/kl', 0):.4f} | "
+              f"reply length {st['reply_length']:.1f} | {(time.time() - t0) / step:.1f}s/iter | ETA {fmt_time(eta)}")
+        if step % eval_interval == 0 or step == max_iters:
+            r = evaluate(step)
+            if r >= best:
+                best = r
+                state = {"model": policy.state_dict(), "optimizer": opt.state_dict()}
+                save_checkpoint(C.finetune_checkpoint(policy, state, config, step, -best, tok, base, algo, {
+                    "init_from": init_from, "reward": reward or reward_model, "step": step,
+                    "eval_reward_before": first, "eval_reward": best}), ckpt_path)
+                print(f"saved {ckpt_path} (best held-out reward so far)")
+    print(f"done in {fmt_time(time.time() - t0)}: held-out reward {first:.4f} -> {best:.4f}; checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    from common import configure
+    config = configure(globals())
+    main()

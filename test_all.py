@@ -1074,21 +1074,29 @@ def _state(m):
     return sum(v for k, v in m.items() if k != "activations")
 
 
-def plan_run(args):
-    """python plan.py ARGS in this process (runpy: a fresh module, torch already imported, ~20x quicker than a
-    subprocess): a CompletedProcess-like (returncode, stdout, stderr); an exception becomes exit 1 and its traceback."""
+def run_here(script, args, cwd=None):
+    """python SCRIPT ARGS in this process (runpy: a fresh module, torch already imported, ~20x quicker than a
+    subprocess), in cwd if given: a CompletedProcess-like (returncode, stdout, stderr); an exception becomes
+    exit 1 and its traceback."""
     import runpy
     from types import SimpleNamespace
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with mock.patch.object(sys, "argv", ["plan.py", *args]), redirect_stdout(out), contextlib.redirect_stderr(err):
+    out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    with mock.patch.object(sys, "argv", [script, *args]), redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            runpy.run_path(str(ROOT / "plan.py"), run_name="__main__")
+            os.chdir(cwd or here)
+            runpy.run_path(str(ROOT / script), run_name="__main__")
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except Exception:
             code = 1
             err.write(traceback.format_exc())
+        finally:
+            os.chdir(here)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def plan_run(args):
+    return run_here("plan.py", args)
 
 
 def test_plan_hand_worked_numbers():
@@ -4922,6 +4930,57 @@ def test_rl_kl_and_score_sit_on_the_reply_tokens():
     _, st = RL.grpo_loss(logp, old, ref_logp, torch.tensor([1.0, -1.0]), mask, 0.2, 0.04)
     assert st["val/ratio"] == 1 and st["objective/kl"] == 0 and st["policy/clipfrac"] == 0
 
+
+
+
+def test_rl_reward_model_and_rl_command_lines():
+    """reward.py on preference data from an SFT model, then rl.py --algo=ppo against it and --algo=grpo with a
+    function of your own: each writes a checkpoint, and metrics.jsonl with TRL's names; and each mistake is one
+    clear line (exit 2): no chat tokens (run SFT first), a reward model of another tokenizer, a --reward that
+    cannot be imported or returns a non-number, fewer than 2 generations, PPO without a reward model."""
+    d = Path(tempfile.mkdtemp(prefix="rl-tests-"))
+    base = tiny_base(d / "base")
+    ft_run(["finetune.py", f"--init_from={base}", f"--out_dir={d / 'sft'}", f"--data={shared_file('instruction-data.json')}",
+            "--max_iters=2", "--eval_interval=2", "--device=cpu", "--max_examples=32", "--eval_examples=4",
+            "--block_size=256"])
+    prefs = shared_file("instruction-data-with-preference.json")
+    rm = ["reward.py", f"--data={prefs}", "--max_iters=4", "--eval_interval=2", "--device=cpu", "--max_pairs=32",
+          "--eval_pairs=8", "--block_size=256", "--learning_rate=1e-3"]
+    p = run_here(rm[0], [*rm[1:], f"--init_from={d / 'sft'}", f"--out_dir={d / 'rm'}"])
+    assert p.returncode == 0 and "held-out pair accuracy" in p.stdout, p.stderr[-2000:]
+    recs = read_metrics(d / "rm")
+    assert {"val/accuracy", "val/margin", "val/reward_mean", "val/reward_min", "val/reward_max", "train/accuracy"} <= set(recs[0])
+    assert_clear_error(run_here(rm[0], [*rm[1:], f"--init_from={base}", f"--out_dir={d / 'rm2'}"]), "run SFT first")
+    (d / "myreward.py").write_text("def score(prompt, reply):\n    return float(len(reply) > 10)\n"
+                                   "def bad(prompt, reply):\n    return 'yes'\n")
+    common_args = [f"--init_from={d / 'sft'}", f"--data={shared_file('instruction-data.json')}", "--max_iters=2",
+                   "--eval_interval=2", "--eval_prompts=4", "--max_new_tokens=12", "--device=cpu"]
+    rl_run = lambda *a: run_here("rl.py", [*common_args, *a], cwd=d)  # cwd: --reward imports myreward.py
+    p = rl_run("--algo=ppo", f"--reward_model={d / 'rm'}", f"--out_dir={d / 'ppo'}", "--batch_prompts=4")
+    assert p.returncode == 0, p.stderr[-2000:]
+    keys = set().union(*(r.keys() for r in read_metrics(d / "ppo")))
+    assert {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl_avg",
+            "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio_avg", "reply_length",
+            "eval/reward"} <= keys, keys
+    assert H.load_model("resume", d / "ppo", "cpu")[1]["finetune"][-1]["stage"] == "ppo"
+    p = rl_run("--algo=grpo", "--reward=myreward:score", f"--out_dir={d / 'grpo'}", "--batch_prompts=2",
+               "--num_generations=4")
+    assert p.returncode == 0 and "pass rate" in p.stdout, p.stderr[-2000:]
+    other = d / "rm-other"
+    other.mkdir()
+    ck = torch.load(d / "rm" / "ckpt.pt", weights_only=True)
+    torch.save({**ck, "tokenizer": {"kind": "gpt2", "path": None}}, other / "ckpt.pt")
+    cases = [(("--algo=grpo", "--reward=myreward:score", "--num_generations=1"), "at least 2"),
+             (("--algo=grpo", "--reward=nomodule:score"), "cannot be imported"),
+             (("--algo=grpo", "--reward=myreward:missing"), "cannot be imported"),
+             (("--algo=grpo", "--reward=myreward:bad", "--batch_prompts=2", "--num_generations=2"), "must return a finite number"),
+             (("--algo=ppo", "--reward=myreward:score"), "reward model"),
+             (("--algo=ppo", f"--reward_model={other}"), "another tokenizer"),
+             (("--algo=ppo", f"--reward_model={d / 'sft'}"), "is not a reward model")]
+    for args, needle in cases:
+        assert_clear_error(rl_run(*args, f"--out_dir={d / 'x'}"), needle)
+    assert_clear_error(rl_run(f"--init_from={base}", f"--out_dir={d / 'y'}", "--algo=grpo", "--reward=myreward:score"),
+                       "run SFT first")
 
 
 
