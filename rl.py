@@ -83,22 +83,23 @@ def rollout(policy, prompts, max_new, temperature, stop_ids, num_samples=1, seed
     return replies
 
 
-def reply_outputs(model, prompts, replies, device):
-    """The model's outputs at the positions that predict each reply token, (B, R, V): one forward pass over
-    prompt + reply, right-padded (each row is what it is alone), and the (B, R) mask of real reply tokens."""
+def reply_outputs(model, prompts, replies, device, width=None):
+    """The model's outputs at the positions that predict each reply token, (B, R, V) with R = width or the
+    longest reply: one forward pass over prompt + reply, right-padded (each row is what it is alone), and the
+    (B, R) mask of real reply tokens."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, replies)]
     x, _ = R.sequences_batch(seqs, 0, device)
     out = model(x)[0]
-    width = max(1, max(len(r) for r in replies))
+    width = width or max(1, max(len(r) for r in replies))
     start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the position predicting reply token 0
     pos = (start[:, None] + torch.arange(width, device=device)).clamp(max=x.size(1) - 1)
     mask = torch.arange(width, device=device)[None] < torch.tensor([len(r) for r in replies], device=device)[:, None]
     return out[torch.arange(len(seqs), device=device)[:, None], pos], mask
 
 
-def token_logps(model, prompts, replies, device, with_entropy=False):
+def token_logps(model, prompts, replies, device, with_entropy=False, width=None):
     """(log p of each reply token (B, R), mask), and the entropy of each position's distribution if asked."""
-    logits, mask = reply_outputs(model, prompts, replies, device)
+    logits, mask = reply_outputs(model, prompts, replies, device, width)
     logp = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.zeros(mask.shape, dtype=torch.long, device=device)
     for b, r in enumerate(replies):
@@ -109,9 +110,9 @@ def token_logps(model, prompts, replies, device, with_entropy=False):
     return taken, mask
 
 
-def values_of(value_model, prompts, replies, device):
+def values_of(value_model, prompts, replies, device, width=None):
     """The value model's estimate (B, R) at each position that predicts a reply token, 0 past a reply's end."""
-    v, mask = reply_outputs(value_model, prompts, replies, device)
+    v, mask = reply_outputs(value_model, prompts, replies, device, width)
     return v[..., 0].float() * mask
 
 
@@ -214,8 +215,9 @@ def ppo_step(policy, ref, value_model, score_fn, prompts, opt, cfg, gen_seed):
         for i in range(0, n, size):
             mb = perm[i:i + size]
             p, r = [prompts[k] for k in mb], [replies[k] for k in mb]
-            logp, m = token_logps(policy, p, r, dev)
-            vpred = values_of(value_model, p, r, dev)
+            width = old_logp.size(1)  # the whole batch's: a minibatch's replies may all be shorter
+            logp, m = token_logps(policy, p, r, dev, width=width)
+            vpred = values_of(value_model, p, r, dev, width)
             loss, st = ppo_loss(logp, old_logp[mb], adv[mb], vpred, values[mb], returns[mb], m,
                                 cfg["cliprange"], cfg["cliprange_value"], cfg["vf_coef"])
             opt.zero_grad(set_to_none=True)
