@@ -708,22 +708,23 @@ def test_train_bad_inputs_exit_2_and_keep_checkpoint():
     out = Path(_TMP) / "out-bad"
     train(out, "--max_iters=4", "--eval_interval=4")
     before = (out / "ckpt.pt").read_bytes()
+    # in this process (no interpreter start-up per case): each stops with its one line
+    here = lambda o, *extra: run_here("train.py", [f"--data_root={tiny_data()}", f"--out_dir={o}", *TINY, *extra])
     # training from scratch into a run that exists would overwrite it
-    assert_clear_error(train(out, "--max_iters=4", check=None), "already exists", "--init_from=resume")
+    assert_clear_error(here(out, "--max_iters=4"), "already exists", "--init_from=resume")
     # data too short for the context
-    assert_clear_error(train(out / "x", "--block_size=2000000", check=None), "block_size")
+    assert_clear_error(here(out / "x", "--block_size=2000000"), "block_size")
     # a dataset that is not there and cannot be made
-    assert_clear_error(run(["train.py", f"--data_root={_TMP}/nothing", "--dataset=local", "--input=/no/such/file.txt",
-                            f"--out_dir={out}/y", "--device=cpu"]), "/no/such/file.txt")
+    assert_clear_error(run_here("train.py", [f"--data_root={_TMP}/nothing", "--dataset=local", "--input=/no/such/file.txt",
+                                             f"--out_dir={out}/y", "--device=cpu"]), "/no/such/file.txt")
     # a checkpoint whose vocabulary does not match the data
     other = Path(_TMP) / "data-bpe"
-    p = run(["train.py", f"--data_root={other}", f"--out_dir={out}", "--init_from=resume", *TINY,
-             "--tokenizer=bpe", "--vocab_size=300", "--max_iters=8"])
+    p = run_here("train.py", [f"--data_root={other}", f"--out_dir={out}", "--init_from=resume", *TINY,
+                              "--tokenizer=bpe", "--vocab_size=300", "--max_iters=8"])
     assert_clear_error(p, "tokenizer", "--out_dir")
     # a loss that blows up stops the run and leaves the last good checkpoint as it was
-    assert_clear_error(train(out, "--init_from=resume", "--max_iters=12", "--eval_interval=100",
-                             "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0", check=None),
-                      "inf or NaN first at step", "untouched")
+    assert_clear_error(here(out, "--init_from=resume", "--max_iters=12", "--eval_interval=100", "--learning_rate=1e30",
+                            "--warmup_iters=0", "--grad_clip=0"), "inf or NaN first at step", "untouched")
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -1038,11 +1039,11 @@ def test_finetune_and_dpo_with_fsdp_match_one_process():
 
 def test_parallel_bad_input_is_one_clear_line():
     tiny = [f"--data_root={tiny_data()}", f"--out_dir={PAR_TMP / 'bad'}", *TINY, "--max_iters=1"]
-    assert_clear_error(run(["train.py", *tiny, "--dp_shard=3"]), "dp_shard=3", "divisor of the world size 1")
-    assert_clear_error(run(["train.py", *tiny, "--cpu_offload=True"]), "cpu_offload", "FSDP")
-    assert_clear_error(run(["finetune.py", f"--init_from={tiny_base(FT_TMP / 'base')}", "--dp_shard=0",
-                            f"--out_dir={PAR_TMP / 'bad-sft'}"]), "dp_shard=0")
-    assert_clear_error(run(["dpo.py", "--dp_shard=-2", f"--out_dir={PAR_TMP / 'bad-dpo'}"]), "dp_shard=-2")
+    assert_clear_error(run_here("train.py", [*tiny, "--dp_shard=3"]), "dp_shard=3", "divisor of the world size 1")
+    assert_clear_error(run_here("train.py", [*tiny, "--cpu_offload=True"]), "cpu_offload", "FSDP")
+    assert_clear_error(run_here("finetune.py", [f"--init_from={tiny_base(FT_TMP / 'base')}", "--dp_shard=0",
+                                                f"--out_dir={PAR_TMP / 'bad-sft'}"]), "dp_shard=0")
+    assert_clear_error(run_here("dpo.py", ["--dp_shard=-2", f"--out_dir={PAR_TMP / 'bad-dpo'}"]), "dp_shard=-2")
     # a sharded checkpoint into a model of another shape
     _, fsdp = _runs()
     cfg = M.GPTConfig(**{**parallel.load_extra(fsdp / "ckpt")["model_args"], "n_embd": 32})
