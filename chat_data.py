@@ -382,6 +382,30 @@ def pair_batch(pairs, pad_id, device):
     return collate([(c, cm) for c, cm, _, _ in pairs] + [(r, rm) for _, _, r, rm in pairs], pad_id, device)
 
 
+def pair_scores(pairs, score, batch_size, rank, world_size, collective, ddp, device, desc=None):
+    """(2, N) float: score(some pairs) -> (chosen, rejected) of every pair, each rank scoring its share (then
+    summed across ranks). collective (FSDP): the forwards are collective, so every rank runs as many batches,
+    a short share scoring a spare one. desc: a progress line (give it on rank 0 only)."""
+    from common import Progress
+    out = torch.zeros(2, len(pairs), device=device)
+    mine = list(range(rank, len(pairs), world_size))
+    progress = Progress(len(mine), desc, " pairs") if desc else None
+    for i in range(0, -(-len(pairs) // world_size) if collective else len(mine), batch_size):
+        ix = mine[i:i + batch_size]
+        if not ix:
+            score(pairs[:1])
+            continue
+        c, r = score([pairs[j] for j in ix])
+        out[0, ix], out[1, ix] = c.float(), r.float()
+        if progress:
+            progress.update(len(ix))
+    if progress:
+        progress.close()
+    if ddp:
+        torch.distributed.all_reduce(out)
+    return out
+
+
 def batch_order(n, batch, gen):
     """Endless index lists of `batch` items, epoch after epoch, each epoch a fresh permutation."""
     while True:

@@ -570,8 +570,9 @@ def _first_pass(job):
         if rule:
             out.append(("drop", i, doc["id"], "filters", f"{name}:{rule}", size))
             continue
-        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-        out.append(["keep", i, {**doc, "text": text}, size, digest, None, before - len(text.encode())])
+        data = text.encode()
+        out.append(["keep", i, {**doc, "text": text}, size, hashlib.blake2b(data, digest_size=16).digest(), None,
+                    before - len(data)])
         sh = distinct(shingles(text, mode)) if mode else ()  # each shingle once: fewer rows to permute
         if len(sh):
             sets.append((len(out) - 1, sh))
@@ -646,7 +647,7 @@ def run(docs, out_dir, filters=(), dedup=("exact", "minhash"), min_doc_chars=16,
         log("clean: duplicates already found: skipped")
         stage2 = json.loads((work / "stage2.json").read_text())
     else:
-        stage2 = _stage_two(work, dedup, jaccard, mode, key2, log)
+        stage2 = _stage_two(work, dedup, jaccard, key2, log)
     gone = {int(k): v for k, v in stage2["removed"].items()}  # row -> [stage, row it duplicates]
 
     # 3. the quality classifier on what is left
@@ -728,7 +729,7 @@ def _stage_one(docs, work, filters, min_doc_chars, mode, workers, total, key):
     return stage1
 
 
-def _stage_two(work, dedup, jaccard, mode, key, log):
+def _stage_two(work, dedup, jaccard, key, log):
     hashes, sigs = np.load(work / "hashes.npy"), np.load(work / "sigs.npy")
     has_sig = np.load(work / "has_sig.npy")
     removed = {}

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (Progress, StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
+from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
                     metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 import parallel
@@ -118,24 +118,8 @@ def logps(pairs, net=None):
 
 def all_logps(pairs, desc=None):
     """Log-probs of every pair, each rank scoring a share (then summed across ranks)."""
-    out = torch.zeros(2, len(pairs), device=device)
-    mine = list(range(rank, len(pairs), world_size))
-    progress = Progress(len(mine), desc, " pairs") if desc and master else None
-    # FSDP's forwards are collective: every rank runs as many batches (a short share scores a spare one)
-    for i in range(0, -(-len(pairs) // world_size) if mesh is not None else len(mine), batch_size):
-        ix = mine[i:i + batch_size]
-        if not ix:
-            logps(pairs[:1])
-            continue
-        c, r = logps([pairs[j] for j in ix])
-        out[0, ix], out[1, ix] = c.float(), r.float()
-        if progress:
-            progress.update(len(ix))
-    if progress:
-        progress.close()
-    if ddp:
-        torch.distributed.all_reduce(out)
-    return out
+    return C.pair_scores(pairs, logps, batch_size, rank, world_size, mesh is not None, ddp, device,
+                         desc if master else None)
 
 
 raw_model = model

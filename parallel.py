@@ -288,16 +288,18 @@ def pipeline(model, mesh, device, n_microbatches, schedule, loss_fn):
     return make(kinds[schedule], n_microbatches, loss_fn), make(ScheduleGPipe, 1, mean_loss), stage == 0, stage == n - 1
 
 
-def pipeline_pass(schedule, first, last, x, y, device):
-    """One pass of a whole batch through the pipeline (forward and backward for a train schedule): the first
-    stage feeds x, the last scores y. Returns the sum of the microbatches' losses on the last stage, 0 elsewhere."""
+def pipeline_pass(pipe, x, y, device):
+    """One pass of a whole batch through the pipeline `pipe` (what pipeline() returns): with gradients, the
+    train schedule's forward and backward; under no_grad, the eval schedule's forward. The first stage feeds x,
+    the last scores y. Returns the sum of the microbatches' losses on the last stage, 0 elsewhere."""
+    train, evaluate, first, last = pipe
     losses = []
     args = (x,) if first else ()
     kw = dict(target=y, losses=losses) if last else {}
     if torch.is_grad_enabled():
-        schedule.step(*args, **kw, return_outputs=False)
+        train.step(*args, **kw, return_outputs=False)
     else:
-        schedule.eval(*args, **kw)
+        evaluate.eval(*args, **kw)
     return torch.stack(losses).sum().detach() if losses else torch.zeros((), device=device)
 
 

@@ -167,14 +167,13 @@ def load_documents(dataset, data_dir, input, chunk_chars, val_frac, force, dl):
     return [(d["id"], d["text"], None) for d in C.read_documents(C.input_files(input), chunk_chars)]
 
 
-def clean(docs, min_doc_chars, filters=(), dedup=("exact",), quality_model="", quality_keep=1.0, summary=None,
-          workers=1):
+def clean(docs, min_doc_chars, filters=(), dedup=("exact",), quality_model="", quality_keep=1.0, summary=None):
     """[(name, text, split)] through clean.py's stages (by default: NFC, '\\n' newlines, tiny documents and exact
     duplicates dropped, the first copy staying): the kept ones, in order. `summary`, a dict, gets clean.py's
     summary (documents and bytes removed by each stage and rule)."""
     with tempfile.TemporaryDirectory(prefix="prepare-clean-") as tmp:
         s = C.run(({"id": name, "text": text, "split": split} for name, text, split in docs), tmp, filters, dedup,
-                  min_doc_chars, quality_model=quality_model, quality_keep=quality_keep, workers=workers, total=len(docs))
+                  min_doc_chars, quality_model=quality_model, quality_keep=quality_keep, total=len(docs))
         if summary is not None:
             summary.update(s)
         return [(d["id"], d["text"], d["split"]) for d in C.read_jsonl(Path(tmp) / "docs.jsonl")]

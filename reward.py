@@ -153,18 +153,8 @@ def main():
         return r[:len(pairs)], r[len(pairs):]
 
     def evaluate(pairs):
-        """The figures of these pairs, each rank scoring a share (a short share scores a spare batch: FSDP's
-        forwards are collective)."""
-        out = torch.zeros(2, len(pairs), device=device)
-        mine = list(range(rank, len(pairs), world_size))
-        for i in range(0, -(-len(pairs) // world_size) if mesh is not None else len(mine), batch_size):
-            ix = mine[i:i + batch_size]
-            if not ix:
-                rewards(pairs[:1])
-                continue
-            out[0, ix], out[1, ix] = rewards([pairs[j] for j in ix])
-        if ddp:
-            torch.distributed.all_reduce(out)
+        """The figures of these pairs, each rank scoring a share."""
+        out = C.pair_scores(pairs, rewards, batch_size, rank, world_size, mesh is not None, ddp, device)
         rc, rr = out
         both = out.flatten()
         return {"loss": bt_loss(rc, rr, center_rewards_coefficient).mean().item(), "accuracy": (rc > rr).float().mean().item(),

@@ -243,7 +243,7 @@ def score(batch):
     pipeline, the pass through every stage (the loss is on the last stage, 0 on the others)."""
     with autocast:
         if pipe is not None:
-            return parallel.pipeline_pass(pipe[1], *pipe[2:], *batch, device)
+            return parallel.pipeline_pass(pipe, *batch, device)
         return raw_model(*batch)[1].float()
 
 
@@ -340,7 +340,7 @@ while True:
         loss = accumulate_gradients(model, batches, batch_size * block_size * grad_accum, autocast, ddp, scaler)
     else:  # this rank's rows of every micro-step in one batch, which the schedule cuts into its microbatches
         with autocast:
-            loss = parallel.pipeline_pass(pipe[0], *pipe[2:], *get_batch("train", torch.cat(
+            loss = parallel.pipeline_pass(pipe, *get_batch("train", torch.cat(
                 [ix[r:r + batch_size] for r in rows])), device)
         torch.distributed.all_reduce(loss)  # the last stage's losses, to every rank (each tp rank holds them)
         loss /= dp_world * tp
