@@ -911,19 +911,22 @@ def task_id(task, item):
 
 
 def run_programs(programs, workers=0, timeout=10.0, desc="sandbox"):
-    """sandbox.run_python of each program, workers at a time (threads: each waits on its own process)."""
+    """sandbox.run_python of each program, workers at a time (threads: each waits on its own process), with
+    a progress line unless desc is None."""
     import sandbox
     sandbox.capabilities()  # probed once, before the threads start
     workers = workers or os.cpu_count() or 1
-    prog = Progress(len(programs), desc, " programs")
+    prog = Progress(len(programs), desc, " programs") if desc else None
 
     def one(p):
         r = sandbox.run_python(p, timeout=timeout)
-        prog.update()
+        if prog:
+            prog.update()
         return r
     with ThreadPoolExecutor(max_workers=workers) as ex:
         results = list(ex.map(one, programs))
-    prog.close()
+    if prog:
+        prog.close()
     return results
 
 

@@ -4,7 +4,9 @@ TRL's PPOTrainer) or GRPO with a reward model or a verifiable reward (DeepSeekMa
 
     python rl.py --algo=ppo --reward_model=out-rm           # out-sft on pydocs-qa's prompts -> out-rl (offline)
     python rl.py --algo=grpo --reward=gsm8k --data=../shared/data/eval/gsm8k_test.jsonl
+    python rl.py --algo=grpo --reward=code --data=../shared/data/eval/mbpp_test.jsonl  # unit tests in sandbox.py
     python rl.py --algo=grpo --reward=mymodule:score        # your own function (prompt, reply) -> float
+    torchrun --standalone --nproc_per_node=8 rl.py ...      # DDP: each rank batch_prompts prompts of its own
 
 PPO, per batch of prompts: sample a reply each (batched, ragged); score it with the reward model at its last
 token (less missing_eos_penalty if it never ended); per token, a KL penalty -kl_coef * (log pi - log ref) (the
@@ -13,6 +15,9 @@ advantages whitened; then ppo_epochs passes over the batch in minibatches with t
 clipped value loss. The value model is its own model, started from the reward model as TRL does.
 GRPO, per batch of prompts: num_generations replies each; advantages (r - group mean) / (group std + eps); the
 clipped ratio loss plus beta * KL to the reference (the k3 estimator), normalised over all reply tokens.
+Under torchrun each rank rolls out its own prompts and the policy (and value model) train under DDP; the logged
+figures are means over the ranks, and the held-out prompts are shared out among them. (FSDP is not offered:
+its forward passes are collectives, and each rank's rollout decodes for as long as its own replies run.)
 Models held: PPO 4 (policy and value trained; reference and reward model frozen, run under no_grad); GRPO 1 to
 3 (the policy; the reference when beta > 0; the reward model when it scores).
 Logged with TRL's names: objective/kl, objective/entropy, objective/scores, objective/rlhf_reward,
@@ -22,6 +27,7 @@ and every eval_interval the mean reward of greedy replies to the held-out prompt
 import copy
 import importlib
 import math
+import re
 import time
 from pathlib import Path
 
@@ -65,6 +71,7 @@ weight_decay = 0.0
 grad_clip = 1.0
 device = "auto"
 seed = 1337
+code_timeout = 5.0         # --reward=code: wall-clock seconds per program in the sandbox
 # -----------------------------------------------------------------------------
 
 # the algorithm, on token ids (the CLI below turns text into them): prompts and replies are lists of ids, and
@@ -75,6 +82,7 @@ def rollout(policy, prompts, max_new, temperature, stop_ids, num_samples=1, seed
     """Sampled replies (lists of ids, each ending at its first stop token, which it keeps) of the prompts, in
     one ragged batch: reply b*num_samples + s is sample s of prompt b."""
     replies = [[] for _ in range(len(prompts) * num_samples)]
+    policy = getattr(policy, "module", policy)  # under DDP: decoding is this rank's own, no gradient to sync
     for step in policy.generate([list(p) for p in prompts], max_new, temperature=temperature, stop_tokens=tuple(stop_ids),
                                 seed=seed, num_samples=num_samples):
         for r, t in enumerate(step.tolist()):
@@ -268,43 +276,70 @@ def grpo_step(policy, ref, reward_fn, prompts, opt, cfg, gen_seed):
 
 
 def load_prompts(data, data_root, val_frac):
-    """(train, val) prompts as {"messages": the conversation so far, "answer": a reference answer or None}:
-    pydocs-qa's questions (its answers as references), a GSM8K file (question, '#### N' answer), or a .jsonl
-    or .json of {"prompt": text}, {"messages": [...]}, Alpaca or preference records (a last assistant reply is
-    dropped from the prompt and kept as its reference answer)."""
+    """(train, val) prompts as {"messages": the conversation so far, "answer": a reference answer or None,
+    "tests": for code, the program around a reply's code, or None}: pydocs-qa's questions (its answers as
+    references), a GSM8K file (question, '#### N' answer), an MBPP or HumanEval file (the task and its unit
+    tests), or a .jsonl or .json of {"prompt": text}, {"messages": [...]}, Alpaca or preference records (a
+    last assistant reply is dropped from the prompt and kept as its reference answer)."""
     if data == "pydocs-qa":
         train, val = C.load_split(data, data_root, val_frac, "sft")
         to = lambda conv: {"messages": conv[:-1], "answer": conv[-1]["content"]}
         return [to(c) for c in train], [to(c) for c in val]
     items = []
+    user = lambda text, answer=None, tests=None: {"messages": [{"role": "user", "content": text}], "answer": answer,
+                                                  "tests": tests}
     for where, rec in C.read_records(data):
         if "question" in rec and "answer" in rec:  # GSM8K
-            items.append({"messages": [{"role": "user", "content": C.field(rec, "question", where)}],
-                          "answer": C.field(rec, "answer", where)})
+            items.append(user(C.field(rec, "question", where), C.field(rec, "answer", where)))
+        elif {"prompt", "test", "entry_point"} <= rec.keys():  # HumanEval: the reply completes its function
+            items.append(user("Complete this Python function:\n```python\n" + C.field(rec, "prompt", where) + "```",
+                              rec.get("canonical_solution"), (rec["prompt"], f"{C.field(rec, 'test', where)}\n\n"
+                                                                              f"check({C.field(rec, 'entry_point', where)})\n")))
+        elif {"text", "test_list"} <= rec.keys():  # MBPP, its tests shown as lm-evaluation-harness shows them
+            tests = "\n".join(rec["test_list"])
+            items.append(user(f"{C.field(rec, 'text', where)} Your code should pass these tests:\n\n{tests}",
+                              rec.get("code"), ("", f"{rec.get('test_setup_code', '')}\n{tests}\n")))
         elif "prompt" in rec:
-            items.append({"messages": [{"role": "user", "content": C.field(rec, "prompt", where)}],
-                          "answer": rec.get("answer")})
+            items.append(user(C.field(rec, "prompt", where), rec.get("answer")))
         elif "messages" in rec and C.check_messages(rec["messages"], where)[-1]["role"] != "assistant":
-            items.append({"messages": C.check_messages(rec["messages"], where), "answer": None})
+            items.append({"messages": C.check_messages(rec["messages"], where), "answer": None, "tests": None})
         else:  # a conversation, Alpaca or preference record: its last reply is the reference
             conv = C.conversation(rec, where)
             if conv:
-                items.append({"messages": conv[:-1], "answer": conv[-1]["content"]})
+                items.append({"messages": conv[:-1], "answer": conv[-1]["content"], "tests": None})
     train, val = C.split_records(items, val_frac)
     if not train or not val:
         die(f"{data} gives {len(train)} train and {len(val)} val prompts: it needs some of each")
     return train, val
 
 
-def verifiable(spec):
-    """--reward as a function (prompt text, reply text, reference answer) -> float: gsm8k (1 when the reply's
-    final number is the reference's), or module:function, your own f(prompt, reply) -> number."""
+FENCED = re.compile(r"```[^\n]*\n(.*?)(?:```|$)", re.S)
+
+
+def code_of(reply):
+    """The program in a reply: its first fenced block (```python or ```), else the whole reply."""
+    m = FENCED.search(reply)
+    return m.group(1) if m else reply
+
+
+def verifiable(spec, timeout=5.0):
+    """--reward as a function ([prompt items], [reply texts]) -> [float]: gsm8k (1 when the reply's final
+    number is the reference's), code (1 when the reply's code passes the prompt's unit tests, run in
+    sandbox.py), or module:function, your own f(prompt, reply) -> number."""
+    if spec == "code":
+        from eval import run_programs
+
+        def run_tests(items, replies):
+            programs = [f"{it['tests'][0]}{code_of(r)}\n\n{it['tests'][1]}" for it, r in zip(items, replies)]
+            return [float(r.status == "pass") for r in run_programs(programs, timeout=timeout, desc=None)]
+        return run_tests
     if spec == "gsm8k":
         from eval import extract_number
-        return lambda prompt, reply, answer: float(answer is not None and extract_number(reply) is not None
-                                                   and extract_number(reply) == extract_number(answer))
+        one = lambda it, reply: float(it["answer"] is not None and extract_number(reply) is not None
+                                      and extract_number(reply) == extract_number(it["answer"]))
+        return lambda items, replies: [one(it, r) for it, r in zip(items, replies)]
     if ":" not in spec:
-        die(f"--reward={spec} is not gsm8k or module:function (a Python function (prompt, reply) -> number)")
+        die(f"--reward={spec} is not gsm8k, code or module:function (a Python function (prompt, reply) -> number)")
     mod, _, name = spec.partition(":")
     import sys
     sys.path.insert(0, str(Path.cwd()))
@@ -313,16 +348,16 @@ def verifiable(spec):
     except (ImportError, AttributeError) as e:
         die(f"--reward={spec} cannot be imported ({type(e).__name__}: {e}): give module:function of a .py file here")
 
-    def call(prompt, reply, answer):
-        v = fn(prompt, reply)
+    def call(it, reply):
+        v = fn(it["messages"][-1]["content"], reply)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             die(f"--reward={spec} returned {v!r} for a reply: it must return a finite number")
         return float(v)
-    return call
+    return lambda items, replies: [call(it, r) for it, r in zip(items, replies)]
 
 
 def main():
-    from common import fmt_time, metrics_log, pick_device, save_checkpoint
+    from common import end_ddp, fmt_time, metrics_log, save_checkpoint, setup_ddp
     if algo not in ("ppo", "grpo"):
         die(f"algo must be 'ppo' or 'grpo', got {algo!r}")
     if algo == "grpo" and num_generations < 2:
@@ -330,18 +365,20 @@ def main():
     if algo == "ppo" and not reward_model:
         die("PPO scores with a reward model: give --reward_model=DIR (train one with python reward.py)")
     if not reward_model and not reward:
-        die("give --reward_model=DIR (a reward.py model) or --reward=gsm8k|module:function")
+        die("give --reward_model=DIR (a reward.py model) or --reward=gsm8k|code|module:function")
     ckpt_path = C.output_checkpoint({**config, "batch_size": batch_prompts, "grad_accum": 1, "epochs": 1, "log_interval": 1},
                                     "SFT model")  # (the checks finetune.py and dpo.py share: counts, no overwriting)
-    torch.manual_seed(seed)
-    dev = pick_device(device)
+    ddp, rank, _, world, dev = setup_ddp(device, seed)
+    torch.manual_seed(seed)  # every rank starts the same value head
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
     policy, base, tok = C.load_start(init_from, dev, grow_vocab=True)
     if base is None or not base.get("chat"):
         die(f"{init_from} is not a chat model (it was never fine-tuned with the chat tokens): run SFT first "
             f"(python finetune.py --init_from={init_from} --out_dir=out-sft), then rl.py --init_from=out-sft")
     stop_ids = (tok.special["<|end|>"], tok.eot_id)
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if algo == "ppo" or beta else None
-    fn = verifiable(reward) if reward else None
+    fn = verifiable(reward, code_timeout) if reward else None
     rm = value = None
     if reward_model and (algo == "ppo" or fn is None):
         rm, rm_ckpt, _ = R.load_reward_model(reward_model, dev)
@@ -352,6 +389,9 @@ def main():
         if algo == "ppo":
             value = copy.deepcopy(rm).train().requires_grad_(True)  # TRL starts the value model from the reward model
     train, val = load_prompts(data, data_root, val_frac)
+    if reward == "code" and not all(it.get("tests") for it in train + val):
+        die(f"--reward=code runs each prompt's unit tests, and {data} has prompts without them: give an MBPP or "
+            f"HumanEval file (--data=../shared/data/eval/mbpp_test.jsonl)")
     val = C.spread(val, eval_prompts)
     room = policy.config.block_size - max_new_tokens
     if room < 8:
@@ -366,57 +406,74 @@ def main():
 
     def scores(items, replies):
         if fn is not None:
-            return torch.tensor([fn(it["messages"][-1]["content"], text(r), it.get("answer")) for it, r in zip(items, replies)])
+            return torch.tensor(fn(items, [text(r) for r in replies]))
         with torch.no_grad():
             x, last = R.sequences_batch([it["ids"] + r for it, r in zip(items, replies)], tok.eot_id, dev)
             return R.sequence_rewards(rm, x, last)
+
+    def over_ranks(values):
+        """The sums of these numbers over the ranks (themselves in one process)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if ddp:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
 
     by_ids = {}
     score_fn = lambda prompts, replies: scores([by_ids[tuple(p)] for p in prompts], replies)
     params = list(policy.parameters()) + (list(value.parameters()) if value is not None else [])
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    raw = policy
+    if ddp:  # the gradients are averaged over the ranks; rollouts and no-grad passes need no sync
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        policy = DDP(policy, device_ids=[dev] if dev.startswith("cuda") else None)
+        value = DDP(value, device_ids=[dev] if dev.startswith("cuda") else None) if value is not None else None
     cfg = dict(config, stop_ids=stop_ids)
-    log = metrics_log(out_dir)
+    log = metrics_log(out_dir, master)
+    mine = val[rank::world]  # this rank's share of the held-out prompts
 
     def evaluate(step):
-        replies = rollout(policy, [p["ids"] for p in val], max_new_tokens, 0.0, stop_ids)
-        s = scores(val, replies).float()
-        rec = {"step": step, "eval/reward": s.mean().item()}
+        s = scores(mine, rollout(raw, [p["ids"] for p in mine], max_new_tokens, 0.0, stop_ids)).float()
+        total, passed, n = over_ranks([s.sum().item(), (s >= 1).sum().item(), len(s)])
+        rec = {"step": step, "eval/reward": total / n, "eval/prompts": int(n)}
         if fn is not None:
-            rec["eval/pass_rate"] = (s >= 1).float().mean().item()
-        print(f"step {step}: held-out reward of greedy replies {rec['eval/reward']:.4f}"
-              + (f", pass rate {rec['eval/pass_rate']:.3f}" if fn is not None else ""))
+            rec["eval/pass_rate"] = passed / n
+        say(f"step {step}: held-out reward of greedy replies {rec['eval/reward']:.4f}"
+            + (f", pass rate {rec['eval/pass_rate']:.3f}" if fn is not None else ""))
         log(rec)
         return rec["eval/reward"]
 
-    print(f"{algo}: {len(train)} train prompts, {len(val)} held out; reward: "
-          f"{reward or 'the reward model ' + reward_model}; {max_iters} iterations of {batch_prompts} prompts"
-          + (f" x {num_generations} replies" if algo == "grpo" else ""))
+    say(f"{algo}: {len(train)} train prompts, {len(val)} held out; reward: {reward or 'the reward model ' + reward_model}; "
+        f"{max_iters} iterations of {batch_prompts} prompts" + (f" x {world} ranks" if ddp else "")
+        + (f" x {num_generations} replies" if algo == "grpo" else ""))
     first, best = evaluate(0), -math.inf
-    gen = torch.Generator().manual_seed(seed)
-    order, t0 = [], time.time()
+    gen = torch.Generator().manual_seed(seed)  # the same order on every rank: each takes its own slice
+    order, t0, need = [], time.time(), batch_prompts * world
     for step in range(1, max_iters + 1):
-        while len(order) < batch_prompts:
+        while len(order) < need:
             order += torch.randperm(len(train), generator=gen).tolist()
-        batch, order = [train[i] for i in order[:batch_prompts]], order[batch_prompts:]
+        batch, order = [train[i] for i in order[:need][rank::world]], order[need:]
         by_ids.update({tuple(p["ids"]): p for p in batch})
-        prompts = [p["ids"] for p in batch]
-        st = (ppo_step(policy, ref, value, score_fn, prompts, opt, cfg, seed + step) if algo == "ppo" else
-              grpo_step(policy, ref, score_fn, prompts, opt, cfg, seed + step))
+        prompts, gen_seed = [p["ids"] for p in batch], (seed + step) * world + rank
+        st = (ppo_step(policy, ref, value, score_fn, prompts, opt, cfg, gen_seed) if algo == "ppo" else
+              grpo_step(policy, ref, score_fn, prompts, opt, cfg, gen_seed))
+        st = dict(zip(st, (v / world for v in over_ranks(list(st.values())))))
         log({"step": step, **st})
         eta = (time.time() - t0) / step * (max_iters - step)
-        print(f"iter {step}/{max_iters} | scores {st['objective/scores']:+.4f} | kl {st.get('objective/kl', 0):.4f} | "
-              f"reply length {st['reply_length']:.1f} | {(time.time() - t0) / step:.1f}s/iter | ETA {fmt_time(eta)}")
+        say(f"iter {step}/{max_iters} | scores {st['objective/scores']:+.4f} | kl {st.get('objective/kl', 0):.4f} | "
+            f"reply length {st['reply_length']:.1f} | {(time.time() - t0) / step:.1f}s/iter | ETA {fmt_time(eta)}")
         if step % eval_interval == 0 or step == max_iters:
             r = evaluate(step)
             if r >= best:
                 best = r
-                state = {"model": policy.state_dict(), "optimizer": opt.state_dict()}
-                save_checkpoint(C.finetune_checkpoint(policy, state, config, step, -best, tok, base, algo, {
-                    "init_from": init_from, "reward": reward or reward_model, "step": step,
-                    "eval_reward_before": first, "eval_reward": best}), ckpt_path)
-                print(f"saved {ckpt_path} (best held-out reward so far)")
-    print(f"done in {fmt_time(time.time() - t0)}: held-out reward {first:.4f} -> {best:.4f}; checkpoint {ckpt_path}")
+                if master:
+                    state = {"model": raw.state_dict(), "optimizer": opt.state_dict()}
+                    save_checkpoint(C.finetune_checkpoint(raw, state, config, step, -best, tok, base, algo, {
+                        "init_from": init_from, "reward": reward or reward_model, "step": step,
+                        "eval_reward_before": first, "eval_reward": best, "world_size": world}), ckpt_path)
+                    print(f"saved {ckpt_path} (best held-out reward so far)")
+    say(f"done in {fmt_time(time.time() - t0)}: held-out reward {first:.4f} -> {best:.4f}; checkpoint {ckpt_path}")
+    del policy, value, opt
+    end_ddp(ddp)
 
 
 if __name__ == "__main__":

@@ -5044,6 +5044,7 @@ def test_rl_reward_model_and_rl_command_lines():
     assert {"val/accuracy", "val/margin", "val/reward_mean", "val/reward_min", "val/reward_max", "train/accuracy"} <= set(recs[0])
     assert_clear_error(run_here(rm[0], [*rm[1:], f"--init_from={base}", f"--out_dir={d / 'rm2'}"]), "run SFT first")
     (d / "myreward.py").write_text("def score(prompt, reply):\n    return float(len(reply) > 10)\n"
+                                   "def length(prompt, reply):\n    return float(len(reply))\n"
                                    "def bad(prompt, reply):\n    return 'yes'\n")
     common_args = [f"--init_from={d / 'sft'}", f"--data={shared_file('instruction-data.json')}", "--max_iters=2",
                    "--eval_interval=2", "--eval_prompts=4", "--max_new_tokens=12", "--device=cpu"]
@@ -5055,9 +5056,19 @@ def test_rl_reward_model_and_rl_command_lines():
             "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio_avg", "reply_length",
             "eval/reward"} <= keys, keys
     assert H.load_model("resume", d / "ppo", "cpu")[1]["finetune"][-1]["stage"] == "ppo"
-    p = rl_run("--algo=grpo", "--reward=myreward:score", f"--out_dir={d / 'grpo'}", "--batch_prompts=2",
+    p = rl_run("--algo=grpo", "--reward=myreward:length", f"--out_dir={d / 'grpo'}", "--batch_prompts=2",
                "--num_generations=4")
     assert p.returncode == 0 and "pass rate" in p.stdout, p.stderr[-2000:]
+    # under torchrun, DDP on 2 ranks of 1 prompt each: the held-out prompts are shared out between the ranks and
+    # their rewards summed (the step-0 figure is the one process's), and the run trains and saves
+    p = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "rl.py"), *common_args,
+             "--algo=grpo", "--reward=myreward:length", f"--out_dir={d / 'grpo2'}", "--batch_prompts=1",
+             "--num_generations=4"], cwd=d)
+    assert p.returncode == 0 and "1 prompts x 2 ranks" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    one, two = read_metrics(d / "grpo"), read_metrics(d / "grpo2")
+    assert two[0]["eval/prompts"] == one[0]["eval/prompts"] == 4 and two[0]["eval/reward"] == one[0]["eval/reward"], (one, two)
+    assert [r["step"] for r in two if "objective/scores" in r] == [1, 2]
+    assert H.load_model("resume", d / "grpo2", "cpu")[1]["finetune"][-1]["world_size"] == 2
     other = d / "rm-other"
     other.mkdir()
     ck = torch.load(d / "rm" / "ckpt.pt", weights_only=True)
@@ -5073,6 +5084,32 @@ def test_rl_reward_model_and_rl_command_lines():
         assert_clear_error(rl_run(*args, f"--out_dir={d / 'x'}"), needle)
     assert_clear_error(rl_run(f"--init_from={base}", f"--out_dir={d / 'y'}", "--algo=grpo", "--reward=myreward:score"),
                        "run SFT first")
+    # the code reward: prompts without unit tests are refused; on MBPP a run logs the held-out pass rate
+    assert_clear_error(rl_run("--algo=grpo", "--reward=code", f"--out_dir={d / 'x'}"), "MBPP or HumanEval")
+    p = rl_run("--algo=grpo", "--reward=code", f"--data={shared_file('eval/mbpp_test.jsonl')}", "--max_iters=1",
+               "--eval_interval=1", "--batch_prompts=2", "--num_generations=2", f"--out_dir={d / 'code'}")
+    assert p.returncode == 0 and "pass rate 0.000" in p.stdout, p.stderr[-2000:]
+
+
+def test_rl_code_reward_runs_the_unit_tests_in_the_sandbox():
+    """--reward=code on real MBPP and HumanEval tasks: each task's reference solution, as a chat reply (in a
+    fenced block after some prose, or bare), passes its tests through sandbox.py (reward 1); a wrong one, one
+    that never ends, and one that exits early with status 0 get 0."""
+    mbpp = RL.load_prompts(shared_file("eval/mbpp_test.jsonl"), "data", 0.5)
+    humaneval = RL.load_prompts(shared_file("eval/HumanEval.jsonl.gz"), "data", 0.5)
+    items = mbpp[0][:12] + humaneval[0][:12]
+    assert "Your code should pass these tests" in items[0]["messages"][0]["content"]
+    assert "```python" in items[-1]["messages"][0]["content"]
+    # HumanEval's reference is the function's body: the reply gives the whole function, as a chat model would
+    whole = lambda it: it["answer"] if it in items[:12] else it["tests"][0] + it["answer"]
+    replies = [f"Here is my solution.\n```python\n{whole(it)}\n```\nIt loops once." if i % 2 else whole(it)
+               for i, it in enumerate(items)]
+    fn = RL.verifiable("code", timeout=5.0)
+    assert fn(items, replies) == [1.0] * len(items)
+    it = items[0]
+    bad = ["```python\ndef remove_Occ(s, ch):\n    return s\n```", "```python\nwhile True:\n    pass\n```",
+           "```python\nimport os\nos._exit(0)\n```", "I cannot write code."]
+    assert RL.verifiable("code", timeout=1.0)([it] * len(bad), bad) == [0.0] * len(bad)
 
 
 
