@@ -370,13 +370,59 @@ FILTERS = {"gopher": gopher, "repetition": repetition, "c4": c4, "fineweb": fine
 # MinHash: shingles -> signatures -> LSH bands -> clusters
 
 
-def simplify(text):
-    """datatrove's normalisation before shingling, so that near copies match: the words, joined by one space."""
+def _simplify_unicode(text):
     text = NUMBER.sub("0", text.lower()).encode("utf-8", "surrogatepass").translate(ASCII_TO_SPACE).decode(
         "utf-8", "surrogatepass")  # (bytes >= 128 are left as they are: UTF-8 stays whole)
     if not text.isascii():  # the other punctuation; NFD, then the combining marks dropped: diacritics stripped
         text = COMBINING.sub("", unicodedata.normalize("NFD", OTHER_PUNCTUATION.sub(" ", text)))
     return " ".join(text.split())
+
+
+# Each step of the normalisation stays within a word (a run without whitespace): a number, a lowercased letter
+# (Greek's final sigma looks no further than the next space), a decomposed character. So the words with a
+# non-ASCII byte (few, even in texts full of names) go through the Unicode steps one by one, and the rest of the
+# text through byte-level ones, many times quicker on long texts (0.72 s -> 0.2 s on the copyright files). There
+# the numbers are found without a regex: with every digit a 0 and every ',' a '.' (both turn into spaces later
+# anyway), a number is a run of 0s, then maybe '.' and another run; runs shrink to one 0 (a numpy mask: 5x
+# quicker than repeated bytes.replace), then each leftmost "0.0" to 0, as NUMBER's leftmost matches would.
+ASCII_WHITESPACE = np.zeros(256, bool)
+ASCII_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True
+ASCII_LOWER_DIGITS = bytes(range(256)).lower().translate(bytes.maketrans(b"0123456789,", b"0000000000."))
+
+
+def simplify_bytes(text):
+    """datatrove's normalisation before shingling, so that near copies match: the words, joined by one space,
+    UTF-8 encoded. (Lowercase, numbers to 0, punctuation to spaces, diacritics stripped.)"""
+    b = text.encode("utf-8", "surrogatepass")
+    held = []
+    if not text.isascii():  # each word with a byte >= 128 is set aside, a lone byte 0x80 in its place
+        a = np.frombuffer(b, np.uint8)
+        space = np.flatnonzero(ASCII_WHITESPACE[a])
+        high = np.flatnonzero(a >= 128)
+        k = np.searchsorted(space, high)
+        starts = np.where(k > 0, space[np.maximum(k - 1, 0)] + 1, 0) if len(space) else np.zeros_like(high)
+        ends = np.append(space, len(b))[k]
+        first = np.concatenate(([True], starts[1:] != starts[:-1]))
+        pieces, pos = [], 0
+        for s, e in zip(starts[first].tolist(), ends[first].tolist()):
+            pieces += [b[pos:s], b"\x80"]
+            held.append(_simplify_unicode(b[s:e].decode("utf-8", "surrogatepass")).encode("utf-8", "surrogatepass"))
+            pos = e
+        b = b"".join(pieces) + b[pos:]
+    a = np.frombuffer(b.translate(ASCII_LOWER_DIGITS), np.uint8)
+    zero = a == 48
+    zero[1:] &= ~zero[:-1]  # the first 0 of each run, then a run becomes that 0
+    zero |= a != 48
+    b = a[zero].tobytes().replace(b"0.0", b"0").translate(ASCII_TO_SPACE)
+    if held:
+        parts = b.split(b"\x80")
+        b = b"".join(x for pair in zip(parts, held) for x in pair) + parts[-1]
+    return b" ".join(b.split())
+
+
+def simplify(text):
+    """simplify_bytes as a string."""
+    return simplify_bytes(text).decode("utf-8", "surrogatepass")
 
 
 def sha1_32(s):
@@ -403,11 +449,11 @@ def shingles(text, mode="fast"):
     compat: SHA-1 of each n-gram string, as datatrove and datasketch. fast: a polynomial hash of each n-gram's
     bytes, for all of them at once: with G the prefix sums of byte_k * m^k (mod 2^64), the bytes [s, e) hash to
     (G[e] - G[s]) * m^-s; mixed, then its top 32 bits."""
-    s = simplify(text)
+    s = simplify_bytes(text)
     if mode == "compat":
-        w = s.split()
+        w = s.decode("utf-8", "surrogatepass").split()
         return np.fromiter((sha1_32(" ".join(w[i:i + NGRAM])) for i in range(len(w) - NGRAM + 1)), dtype=np.uint64)
-    b = np.frombuffer(s.encode(), dtype=np.uint8)
+    b = np.frombuffer(s, dtype=np.uint8)
     spaces = np.flatnonzero(b == 32)
     if len(spaces) < NGRAM - 1 or not len(b):
         return np.zeros(0, dtype=np.uint64)

@@ -4610,6 +4610,22 @@ def test_clean_rules_decide_as_datatrove():
     assert set(CL.PUNCTUATION) == set(__import__("datatrove.utils.text").utils.text.PUNCTUATION)
 
 
+def test_clean_simplify_equals_datatrove_on_real_and_tricky_text():
+    """simplify (byte-level steps for ASCII words, Unicode ones word by word for the rest) gives the words of
+    datatrove's simplify_text on the quality corpus (copyright files included), and on 20,000 random strings of
+    the characters where the two paths could part: digits and separators of any script, Greek's final sigma,
+    combining marks, Unicode spaces, control characters, ligatures, mixed into ASCII words."""
+    need("datatrove", "datatrove")
+    from datatrove.utils.text import simplify_text
+    docs = quality_corpus()
+    rng = random.Random(0)
+    alpha = [*"aZ09 .,\t\n\x0b\x0c\x1c\x85\xa0\u2003", "00", "0.0", "1,2", "Σ", "ΑΣ", "é", "É", "١", "٫", "⎖", "İ", "ß",
+             "ﬁ", "\u0301", "'", "©", "—", "«", "K", "Å", "\ufffd", "日本", "²"]
+    docs += ["".join(rng.choice(alpha) for _ in range(rng.randint(0, 14))) for _ in range(20_000)]
+    bad = [d for d in docs if CL.simplify(d).split() != simplify_text(d).split()]
+    assert not bad, (len(bad), bad[:3])
+
+
 def test_clean_minhash_signatures_and_pairs_as_datatrove_and_datasketch():
     """hash_mode='compat': signatures bit-identical to datatrove's MinhashDedupSignature (HashConfig(precision=32,
     hash_fc='sha1')) and to datasketch's MinHash(scheme='legacy') with the same permutations; LSH candidate
