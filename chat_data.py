@@ -502,7 +502,7 @@ def chat_session(model, tok, ckpt, question, max_new_tokens, temperature, top_k,
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
         sys.stdout.flush()
         n_tokens, t_gen = n_tokens + len(out), t_gen + time.time() - t0
-        return tok.decode(out)
+        return tok.decode([t for t in out if t < tok.n_vocab])  # (a padded vocab row has no text)
 
     if question is not None:
         reply([{"role": "user", "content": question}], 0)

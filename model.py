@@ -148,13 +148,18 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
+            if isinstance(pos, torch.Tensor):  # one token per row, each at its own position (serve.py's batch)
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, pos], v_cache[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            else:
+                k_cache[:, :, pos:pos + T] = k
+                v_cache[:, :, pos:pos + T] = v
             if T == 1:
                 # decode: one new query attends to every cached position (no mask unless some are padding);
                 # the query heads sharing a kv head become that head's "queries" (GQA without repeating K/V)
                 q = q.reshape(B, nkv, nh // nkv, hd)
-                y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1], attn_mask=mask)
+                n = pos + 1 if mask is None else mask.size(-1)
+                y = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask)
                 return self.c_proj(y.view(B, 1, -1))
             assert pos == 0, "prefill starts at position 0 (so the causal mask is the plain one)"
         dropout = self.dropout if self.training else 0.0
@@ -306,16 +311,21 @@ class GPT(nn.Module):
         return logits, loss
 
     def _run(self, idx, cache=None, pos=0, last_only=False, pad=None):
-        """idx (B, T): the tokens at columns pos..pos+T-1 (of the cache, when there is one). pad (B,) or None:
+        """idx (B, T): the tokens at columns pos..pos+T-1 (of the cache, when there is one); or, with pos a
+        LongTensor (B,) and T = 1, row b's token at column pos[b] (rows of different lengths). pad (B,) or None:
         row b is left-padded, its tokens start at column pad[b] with position 0, and the mask hides the pad
         columns from every query (a pad query sees itself: some SDPA backends make an all-masked row NaN)."""
         T = idx.size(1)
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        last = int(pos.max()) if isinstance(pos, torch.Tensor) else pos  # pos (B,): row b's one token is at pos[b]
+        if last + T > self.config.block_size:
+            raise ValueError(f"sequence of {last + T} tokens is longer than block_size {self.config.block_size}")
         first = 'wte' in self.transformer  # a later pipeline stage (parallel.py) gets hidden states, not ids
         x = self.transformer.wte(idx) if first else idx
         where, mask, rope = slice(pos, pos + T), None, None
-        if pad is not None:
+        if isinstance(pos, torch.Tensor):  # every row sees its own columns 0..pos[b]
+            where = pos[:, None]
+            mask = (torch.arange(last + 1, device=idx.device) <= where)[:, None, None]
+        elif pad is not None:
             cols = torch.arange(pos + T, device=idx.device)  # key columns; the queries are cols[pos:]
             qc = cols[pos:, None]
             where = (qc.T - pad[:, None]).clamp(min=0)  # (B, T) positions

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import queue
 import random
 import re
 import shutil
@@ -5144,6 +5145,429 @@ def test_rl_code_reward_runs_the_unit_tests_in_the_sandbox():
            "```python\nimport os\nos._exit(0)\n```", "I cannot write code."]
     assert RL.verifiable("code", timeout=1.0)([it] * len(bad), bad) == [0.0] * len(bad)
 
+
+
+# ----- serve: serve.py, the OpenAI-compatible server, its page and the arena (-k serve) -----
+
+
+def _serve_base():
+    """A random tiny base model (vocab 320 > the byte tokenizer's 261, context 320): it never ends a reply on
+    its own, and its greedy text differs from prompt to prompt."""
+    return tiny_base(FT_TMP / "serve-base", vocab_size=320, seed=3)
+
+
+def _serve_chat():
+    """A random chat model (the chat template recorded, context 1024) whose weights are scaled up 6x and whose
+    head is untied, so that its greedy replies differ from prompt to prompt (at the usual init a tiny model
+    repeats its last input token, whatever the prompt). Its bytes are noise, invalid UTF-8 included."""
+    import chat_data
+    from common import save_checkpoint
+    path = FT_TMP / "serve-chat"
+    if not (path / "ckpt.pt").exists():
+        torch.manual_seed(0)
+        cfg = M.GPTConfig(vocab_size=320, block_size=1024, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, bias=False,
+                          norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=False)
+        m = M.GPT(cfg)
+        with torch.no_grad():
+            for w in m.parameters():
+                if w.dim() == 2:
+                    w.mul_(6.0)
+        save_checkpoint({"model": m.state_dict(), "model_args": asdict(cfg), "config": {}, "step": 0,
+                         "best_val_loss": float("inf"), "tokenizer": {"kind": "byte", "path": None}, "meta": {},
+                         "rng": {}, "chat": chat_data.CHAT_TEMPLATE}, path / "ckpt.pt")
+    return path
+
+
+@contextlib.contextmanager
+def serving(*dirs, prefs=None, key="", max_queue=64):
+    """serve.py's server over these checkpoint directories, in this process on a free port: (url, engines)."""
+    import serve as SV
+    engines = {}
+    for d in dirs:
+        e = SV.load_engine("resume", d, "cpu")
+        e.name = e.name if e.name not in engines else e.name + "-b"
+        e.max_queue = max_queue
+        engines[e.name] = e
+    srv = SV.make_server(engines, "127.0.0.1", 0, key, prefs)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", engines
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def http(url, path, body=None, raw=None, headers=None, timeout=60):
+    """(status, parsed JSON or text) of a GET (body None) or POST to the server."""
+    import http.client
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    c.request("POST" if data is not None else "GET", path, body=data,
+              headers={"Content-Type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    text = r.read().decode()
+    c.close()
+    try:
+        return r.status, json.loads(text)
+    except json.JSONDecodeError:
+        return r.status, text
+
+
+def sse_events(text):
+    """The events of an SSE body, each checked to be exactly 'data: ...' followed by a blank line."""
+    assert text.endswith("\n\n"), text[-200:]
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events[:3]
+    return [e[6:] for e in events]
+
+
+def _greedy(model_dir, ids, max_new, stop_ids):
+    """The text model.generate gives alone (batch 1) at temperature 0: the reference for the server's."""
+    m, _, tok = H.load_model("resume", model_dir, "cpu")
+    out = []
+    for step in m.generate(torch.tensor([ids]), max_new, temperature=0, stop_tokens=tuple(stop_ids)):
+        t = int(step[0])
+        if t == -1 or t in stop_ids:
+            break
+        out.append(t)
+    return tok.decode(out)
+
+
+def test_serve_engine_sends_whole_characters_and_cuts_at_stop_strings():
+    """The engine's token -> text step on forced tokens (one-hot logits, greedy): a character split across
+    byte tokens is sent once whole; a tail that may begin a stop string is held back, then dropped with it;
+    max_tokens ends with 'length'; a stop token with 'stop'."""
+    import serve as SV
+    with serving(_serve_base()) as (url, engines):
+        eng = next(iter(engines.values()))
+
+        def run_tokens(text, stops=(), max_new=100, extra=()):
+            out = queue.Queue()
+            s = SV.Seq([1], max_new, 0.0, 1.0, list(stops), 0, out, 0)
+            for t in [*text.encode(), *extra]:
+                if s.done:
+                    break
+                eng.take(s, F.one_hot(torch.tensor(t), 320).float())
+            events = []
+            while not out.empty():
+                events.append(out.get()[1:])
+            return events
+        ev = run_tokens("héllo ✓ wörld")
+        pieces = [v for k, v in ev if k == "text"]
+        assert "".join(pieces) == "héllo ✓ wörld" and "\ufffd" not in "".join(pieces)
+        assert len(pieces) == len("héllo ✓ wörld"), pieces  # one event per whole character
+        ev = run_tokens("say STOP now", stops=["STOP"])
+        assert "".join(v for k, v in ev if k == "text") == "say " and ev[-1] == ("done", {"finish_reason": "stop", "completion_tokens": 8})
+        ev = run_tokens("say ST", stops=["STOP"], max_new=6)  # held back "ST" comes out when the reply ends
+        assert "".join(v for k, v in ev if k == "text") == "say ST" and ev[-1][1]["finish_reason"] == "length"
+        ev = run_tokens("ab", extra=[256])  # <|endoftext|>, a stop token of a base model
+        assert "".join(v for k, v in ev if k == "text") == "ab" and ev[-1][1] == {"finish_reason": "stop", "completion_tokens": 3}
+
+
+def test_serve_openai_client_stream_equals_text_and_sample_py():
+    """Through the openai package: a chat completion at temperature 0, streamed and not, is byte-identical to
+    the other and to `sample.py --chat=True --temperature=0`; a completion equals `sample.py --temperature=0`;
+    usage counts tokens; 4 concurrent streams each get the text they get alone; /v1/models lists the model."""
+    need("openai", "openai")
+    import openai
+    sft = _serve_chat()
+    with serving(sft) as (url, engines):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["serve-chat"]
+        ask = [{"role": "user", "content": "Name a color."}]
+        r = client.chat.completions.create(model="serve-chat", messages=ask, temperature=0, max_tokens=40)
+        text = r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        chunks = list(client.chat.completions.create(model="serve-chat", messages=ask, temperature=0, max_tokens=40, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+        p = run_here("sample.py", [f"--out_dir={sft}", "--chat=True", "--start=Name a color.", "--temperature=0",
+                                   "--max_new_tokens=40", "--device=cpu"])
+        assert p.returncode == 0 and p.stdout == text + "\n", (p.stdout, text)
+        c = client.completions.create(model="serve-chat", prompt="The color", temperature=0, max_tokens=30)
+        p = run_here("sample.py", [f"--out_dir={sft}", "--start=The color", "--temperature=0", "--max_new_tokens=30",
+                                   "--num_samples=1", "--device=cpu"])
+        assert p.stdout.startswith("The color" + c.choices[0].text), (p.stdout, c.choices[0].text)
+        # 4 concurrent streams of different prompts: each its own text (the one it gets alone)
+        prompts = ["Name a color.", "What is 2+2?", "Say hi.", "Name an animal please."]
+        alone = {q: client.chat.completions.create(model="serve-chat", messages=[{"role": "user", "content": q}], temperature=0,
+                                                   max_tokens=30).choices[0].message.content for q in prompts}
+        got = {}
+
+        def stream(q):
+            got[q] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="serve-chat", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=30, stream=True))
+        threads = [threading.Thread(target=stream, args=(q,)) for q in prompts]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert got == alone and len(set(alone.values())) > 1, (got, alone)
+
+
+def test_serve_sse_framing_and_order():
+    """The raw event stream of a chat request with n=2 and include_usage: every event 'data: {json}' and a
+    blank line; each choice's role delta first, then content, then exactly one chunk with its finish_reason;
+    then the usage chunk (no choices); then [DONE]. A completion stream likewise, with text chunks."""
+    with serving(_serve_base()) as (url, engines):
+        status, body = http(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "n": 2,
+                                                          "max_tokens": 6, "stream": True, "temperature": 0.7, "seed": 1,
+                                                          "stream_options": {"include_usage": True}})
+        assert status == 200
+        events = sse_events(body)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+        for i in (0, 1):
+            mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i]
+            assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+            assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + ["length"]
+            assert all("content" in m["delta"] for m in mine[1:-1]) and mine[-1]["delta"] == {}
+        status, body = http(url, "/v1/completions", {"prompt": "abc", "max_tokens": 5, "stream": True, "temperature": 0})
+        events = sse_events(body)
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert events[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks)
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+        status, whole = http(url, "/v1/completions", {"prompt": "abc", "max_tokens": 5, "temperature": 0})
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
+def _rss_mb():
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def test_serve_faults_and_load():
+    """200 requests from 8 concurrent clients all answered right; 26 kinds of malformed request each a 4xx
+    with OpenAI's error object; clients that disconnect mid-stream or before a non-streamed reply stop their
+    generation at once; a slow reader gets its whole stream while others are served; a full queue is 429; an
+    API key is enforced. Afterwards the server answers as before and this process has grown < 64 MB."""
+    base = _serve_base()
+    with serving(base, max_queue=64) as (url, engines):
+        eng = engines["serve-base"]
+        ref = http(url, "/v1/completions", {"prompt": "ref", "max_tokens": 12, "temperature": 0})[1]["choices"][0]["text"]
+        assert ref == _greedy(base, T.get_tokenizer("byte").encode("ref"), 12, {256})
+        for _ in range(8):  # warm-up: thread stacks and allocator pools
+            http(url, "/v1/completions", {"prompt": "warm", "max_tokens": 3})
+        gc_rss = _rss_mb()
+        expect = {i: _greedy(base, T.get_tokenizer("byte").encode(f"p{i % 10}"), 4, {256}) for i in range(10)}
+        bad = []
+
+        def client(k):
+            for i in range(k, 200, 8):
+                st, r = http(url, "/v1/completions", {"prompt": f"p{i % 10}", "max_tokens": 4, "temperature": 0})
+                if st != 200 or r["choices"][0]["text"] != expect[i % 10]:
+                    bad.append((i, st, r))
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert not bad, bad[:3]
+        msgs = [{"role": "user", "content": "x"}]
+        cases = [  # (path, body or raw bytes, status, param named)
+            ("/v1/chat/completions", b"{not json", 400, None),
+            ("/v1/chat/completions", [1, 2], 400, None),
+            ("/v1/chat/completions", {"model": "serve-base"}, 400, "messages"),
+            ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+            ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+            ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0]"),
+            ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0]"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0]"),
+            ("/v1/chat/completions", {"messages": msgs, "model": "gpt-9"}, 404, "model"),
+            ("/v1/chat/completions", {"messages": msgs, "max_tokens": 10**9}, 400, "max_tokens"),
+            ("/v1/chat/completions", {"messages": msgs, "max_tokens": 0}, 400, "max_tokens"),
+            ("/v1/chat/completions", {"messages": msgs, "max_tokens": "10"}, 400, "max_tokens"),
+            ("/v1/chat/completions", {"messages": msgs, "temperature": -1}, 400, "temperature"),
+            ("/v1/chat/completions", {"messages": msgs, "temperature": "hot"}, 400, "temperature"),
+            ("/v1/chat/completions", {"messages": msgs, "top_p": 0}, 400, "top_p"),
+            ("/v1/chat/completions", {"messages": msgs, "n": 100}, 400, "n"),
+            ("/v1/chat/completions", {"messages": msgs, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+            ("/v1/chat/completions", {"messages": msgs, "stream": "yes"}, 400, "stream"),
+            ("/v1/chat/completions", {"messages": msgs, "seed": "x"}, 400, "seed"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200_000}]}, 400, "messages"),
+            ("/v1/chat/completions", {"messages": msgs * 1000}, 400, "messages"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]}, 400, "messages"),  # > context
+            ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+            ("/v1/embeddings", {"input": "x"}, 404, None),
+        ]
+        for path, body, status, param in cases:
+            st, r = http(url, path, **({"raw": body} if isinstance(body, bytes) else {"body": body}))
+            assert st == status and set(r["error"]) == {"message", "type", "param", "code"}, (path, body, st, r)
+            assert r["error"]["param"] == param and r["error"]["message"], (body, r)
+        assert "context" in http(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]})[1]["error"]["message"]
+        # an oversized body is refused from its Content-Length, unread
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1000)
+        got = b""
+        while chunk := s.recv(65536):  # the server closes the connection after the answer
+            got += chunk
+        s.close()
+        head, _, body = got.decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 413") and json.loads(body)["error"]["message"].startswith("the body is 2000000 bytes")
+        # disconnects: mid-stream after the first event, and before a non-streamed reply
+        for stream in (True, False):
+            before = eng.generated
+            s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            body = json.dumps({"prompt": "go", "max_tokens": 300, "stream": stream}).encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+            if stream:
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            else:
+                time.sleep(0.05)
+            s.close()
+            t0 = time.time()
+            while (eng.active or eng.waiting.qsize()) and time.time() - t0 < 10:
+                time.sleep(0.02)
+            assert not eng.active and eng.generated - before < 150, (stream, eng.generated - before)
+        # a slow reader: a tiny receive buffer, read a few bytes at a time; a fast request completes meanwhile
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        body = json.dumps({"prompt": "slow", "max_tokens": 120, "stream": True, "temperature": 0}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        got = s.recv(64)
+        assert http(url, "/v1/completions", {"prompt": "ref", "max_tokens": 12, "temperature": 0})[1]["choices"][0]["text"] == ref
+        while True:
+            time.sleep(0.002)
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        events = sse_events(got.decode().split("\r\n\r\n", 1)[1])
+        slow = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        assert slow == _greedy(base, T.get_tokenizer("byte").encode("slow"), 120, {256})
+        # a full queue: 429 with the error object
+        eng.max_queue = 0
+        st, r = http(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert st == 429 and r["error"]["code"] == "rate_limit_exceeded", r
+        eng.max_queue = 64
+        assert http(url, "/v1/completions", {"prompt": "ref", "max_tokens": 12, "temperature": 0})[1]["choices"][0]["text"] == ref
+        assert _rss_mb() - gc_rss < 64, (gc_rss, _rss_mb())
+        assert http(url, "/health")[1]["models"]["serve-base"]["running"] == 0
+    with serving(base, key="sekrit") as (url, engines):
+        st, r = http(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert st == 401 and r["error"]["code"] == "invalid_api_key"
+        assert http(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}, headers={"Authorization": "Bearer sekrit"})[0] == 200
+
+
+def test_serve_arena_votes_train_dpo_and_the_reward_model():
+    """POST /arena/vote: a pick of A or B is appended to the prefs file as {prompt, chosen, rejected} with both
+    model names, a tie only to the votes log; dpo.py and reward.py train on the file as it is."""
+    sft = _sft_model()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        prefs = Path(tmp) / "prefs.jsonl"
+        with serving(sft, sft, prefs=prefs) as (url, engines):
+            assert list(engines) == ["sft", "sft-b"]
+            for i in range(12):
+                msgs = [{"role": "user", "content": f"Question {i}?"}]
+                a, b = {"model": "sft", "text": f"good answer {i}"}, {"model": "sft-b", "text": f"bad {i}"}
+                st, r = http(url, "/arena/vote", {"messages": msgs, "a": a, "b": b, "winner": "a" if i % 2 else "b"})
+                assert st == 200 and r == {"ok": True}
+            assert http(url, "/arena/vote", {"messages": msgs, "a": a, "b": b, "winner": "tie"})[0] == 200
+            st, r = http(url, "/arena/vote", {"messages": msgs, "a": a, "winner": "a"})
+            assert st == 400 and "error" in r
+        lines = [json.loads(l) for l in prefs.read_text().splitlines()]
+        votes = [json.loads(l) for l in (Path(tmp) / "prefs.jsonl.votes.jsonl").read_text().splitlines()]
+        assert len(lines) == 12 and len(votes) == 13 and votes[-1]["winner"] == "tie"
+        assert lines[1] == {"prompt": [{"role": "user", "content": "Question 1?"}], "chosen": "good answer 1",
+                            "rejected": "bad 1", "chosen_model": "sft", "rejected_model": "sft-b"}
+        assert lines[0]["chosen"] == "bad 0" and lines[0]["chosen_model"] == "sft-b"
+        p = run_here("dpo.py", [f"--init_from={sft}", f"--out_dir={tmp}/dpo", f"--data={prefs}", "--max_iters=2",
+                                "--eval_interval=2", "--device=cpu", "--batch_size=2"])
+        assert p.returncode == 0, p.stderr[-2000:]
+        p = run_here("reward.py", [f"--init_from={sft}", f"--out_dir={tmp}/rm", f"--data={prefs}", "--max_iters=2",
+                                   "--eval_interval=2", "--device=cpu", "--batch_size=2"])
+        assert p.returncode == 0 and "held-out pair accuracy" in p.stdout, p.stderr[-2000:]
+
+
+def test_serve_judge_for_eval_py():
+    """eval.py --tasks=judge with --judge_url pointing at our own server (the SFT model judging its own
+    replies): every held-out reply is sent to the judge and counted, scored or not."""
+    sft = _sft_model()[1]
+    with serving(_serve_chat()) as (url, engines), tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(sft / "ckpt.pt", Path(tmp) / "ckpt.pt")
+        before = engines["serve-chat"].generated
+        p = run_eval(f"--out_dir={tmp}", "--tasks=judge", f"--judge_url={url}", "--judge_model=serve-chat", "--limit=3",
+                     "--max_new_tokens=16", "--device=cpu", f"--judge_data={shared_file('instruction-data.json')}")
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        res = json.loads((Path(tmp) / "eval.json").read_text())["ckpt.pt"]["tasks"]["judge"]
+        assert res["n"] == 3 and engines["serve-chat"].generated > before, res
+
+
+def test_serve_page_in_a_browser():
+    """The page in headless Chromium (selenium): a message typed and sent streams a reply equal to the API's;
+    regenerate gives it again; the arena shows two answers, a pick of A lands in the prefs file as A's text
+    chosen. A screenshot is saved (SERVE_SCREENSHOT=path keeps it)."""
+    need("selenium", "selenium")
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        raise unittest.SkipTest("chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    sft = _serve_chat()
+    with tempfile.TemporaryDirectory() as tmp, serving(sft, prefs=Path(tmp) / "prefs.jsonl") as (url, engines):
+        opts = webdriver.ChromeOptions()
+        for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+            opts.add_argument(a)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=opts)
+        try:
+            wait = WebDriverWait(driver, 30)
+            driver.get(url + "/")
+            wait.until(lambda d: "1 model" in d.find_element(By.ID, "status").text)
+            for field, value in (("temperature", "0"), ("max_tokens", "24")):
+                el = driver.find_element(By.ID, field)
+                el.clear()
+                el.send_keys(value)
+            driver.find_element(By.ID, "input").send_keys("Name a color.")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .regenerate"))
+            want = http(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a color."}],
+                                                      "temperature": 0, "max_tokens": 24})[1]["choices"][0]["message"]["content"]
+            reply = lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")[-1].get_attribute("textContent")
+            assert reply(driver) == want, (reply(driver), want)
+            driver.find_element(By.CSS_SELECTOR, ".regenerate").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .regenerate"))
+            assert reply(driver) == want and len(driver.find_elements(By.CSS_SELECTOR, "#messages .msg")) == 2
+            driver.save_screenshot(os.environ.get("SERVE_SCREENSHOT") or str(Path(tmp) / "chat.png"))
+            driver.find_element(By.CSS_SELECTOR, "#mode option[value=arena]").click()
+            for field, value in (("temperature", "0.9"),):
+                el = driver.find_element(By.ID, field)
+                el.clear()
+                el.send_keys(value)
+            driver.find_element(By.ID, "input").send_keys("Say something.")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "vote-a").is_enabled())
+            a_text = driver.find_element(By.ID, "arena-a").get_attribute("textContent")
+            driver.find_element(By.ID, "vote-a").click()
+            wait.until(lambda d: "recorded" in d.find_element(By.ID, "status").text)
+            shot = os.environ.get("SERVE_SCREENSHOT")
+            driver.save_screenshot(shot.replace(".png", "-arena.png") if shot else str(Path(tmp) / "arena.png"))
+        finally:
+            driver.quit()
+        rec = json.loads((Path(tmp) / "prefs.jsonl").read_text())
+        assert rec["prompt"] == [{"role": "user", "content": "Say something."}] and rec["chosen"] == a_text
+        assert rec["chosen_model"] == rec["rejected_model"] == "serve-chat"  # one model: two samples of it
+
+
+def test_serve_cli_bad_input_one_line():
+    """python serve.py: a port in use, a missing checkpoint, a bad setting: one line, exit 2, before any model
+    loads (the port is checked first); two arena models of different tokenizers are allowed with a note."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        assert_clear_error(run_here("serve.py", [f"--out_dir={_sft_model()[1]}", f"--port={port}"]), f"{port}", "--port")
+    finally:
+        busy.close()
+    assert_clear_error(run_here("serve.py", ["--out_dir=/no/such/dir", "--port=0"]), "/no/such/dir")
+    assert_clear_error(run_here("serve.py", ["--out_dir=x", "--max_batch=0"]), "max_batch")
 
 
 # ----- clean: the fastText-style classifier, against fastText itself (last: fastText's test pins malloc) -----
