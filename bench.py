@@ -11,6 +11,7 @@ ratio. Not a test: nothing here asserts wall time.
                                      # SFT, DPO) with tokens/s, MFU, peak memory and flash attention; skips on CPU
 """
 import contextlib
+import copy
 import io
 import json
 import math
@@ -29,6 +30,7 @@ import torch
 import eval as E
 import hf as H
 import model as M
+import quant as Q
 import tokenizer as T
 
 ROOT = Path(__file__).resolve().parent
@@ -82,6 +84,12 @@ def _decode_row(name, config, new_tokens, recompute_tokens, hf_class):
         return run
     ours(True)(20)  # warm-up
     row = {'model': name, 'kv': _tokens_per_sec(ours(True), new_tokens)}
+    for mode in Q.MODES:  # the same weights quantized (quant.py), batch 1
+        def quantized(n, qm=Q.quantize(copy.deepcopy(model), mode)):
+            for _ in qm.generate(prompt, n, temperature=0):
+                pass
+        quantized(20)
+        row[mode] = _tokens_per_sec(quantized, new_tokens)
     row['recompute'] = _tokens_per_sec(ours(False), recompute_tokens) if recompute_tokens else None
     row['floor'], row['read_floor'] = _weights_floors(model)
     row['hf'] = None
@@ -147,6 +155,13 @@ def bench_decode():
     ]
     targets = {rows[0]['model']: (10, 3), rows[1]['model']: (None, 1.3)}
     fmt = lambda v, spec: '-' if v is None else format(v, spec)
+    print("quantized (quant.py), batch 1, against transformers' float32 generate in this run (target int8 >= 3x):")
+    for r in rows:
+        print(f"  {r['model']:34} float32 {r['kv']:6.1f} tok/s | int8 {r['int8']:6.1f} ({r['int8'] / r['kv']:.2f}x ours"
+              + (f", {r['int8'] / r['hf']:.2f}x HF" if r['hf'] else "") + f") | int4 {r['int4']:6.1f} ({r['int4'] / r['kv']:.2f}x ours"
+              + (f", {r['int4'] / r['hf']:.2f}x HF" if r['hf'] else "") + ")")
+    _quant_quality()
+    _serving_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 64)
     print(f"{'model':34} {'KV tok/s':>9} {'recompute':>9} {'HF gen':>8} {'KV/recomp':>10} {'KV/HF':>6} "
           f"{'targets':>12} {'matvec floor':>12} {'read floor':>10} {'same tokens as HF':>17}")
     for r in rows:
@@ -158,6 +173,72 @@ def bench_decode():
               f"{fmt(ratio_rec, '9.1f') + 'x' if ratio_rec else '-':>10} {fmt(ratio_hf, '5.2f') + 'x' if ratio_hf else '-':>6} "
               f"{tgt + f'>={t_hf}x':>12} {r['floor']:12.1f} {r['read_floor']:10.1f} {str(r.get('same_tokens', '-')):>17}")
     _batched_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 100)
+
+
+def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=8, new=64):
+    """Held-out perplexity of the default model (python train.py's out/) in float32, int8 and int4 on the
+    first n_tokens of its val split, and the share of greedy tokens int8/int4 pick as float32 does (64 new
+    tokens after each of `prompts` val snippets)."""
+    if not (out_dir / "ckpt.pt").exists():
+        print(f"quantized quality: no {out_dir}/ckpt.pt (run python train.py first): skipped")
+        return
+    import numpy as np
+
+    import prepare
+    model, ckpt, _ = H.load_model("resume", out_dir, "cpu")
+    data_dir = ROOT / ckpt["config"].get("data_root", "data") / ckpt["config"]["dataset"]
+    val = np.concatenate([prepare.read_bin(data_dir / s) for s in prepare.load_meta(data_dir)["val"]["shards"]])
+    bs = model.config.block_size
+    ids = torch.from_numpy(val[:n_tokens + 1].astype(np.int64))
+    snippets = [ids[i:i + 32][None] for i in range(0, prompts * 997, 997)]
+
+    def nll(m):
+        """(mean loss, the argmax at every position) over the val windows."""
+        with torch.no_grad():
+            outs = [m(ids[None, i:i + bs], ids[None, i + 1:i + bs + 1]) for i in range(0, n_tokens - bs, bs)]
+        return sum(o[1].item() for o in outs) / len(outs), torch.cat([o[0].argmax(-1).flatten() for o in outs])
+    greedy = lambda m: [torch.stack(list(m.generate(x, new, temperature=0)), 1) for x in snippets]
+    (base_nll, base_top), base_tokens = nll(model), greedy(model)
+    print(f"quantized quality on {out_dir.name}/ ({model.num_params() / 1e6:.2f}M, {n_tokens} val tokens; targets: "
+          f"perplexity within 2% (int8) and 10% (int4), int8 greedy agreement >= 90%):")
+    for mode in Q.MODES:
+        qm = Q.quantize(copy.deepcopy(model), mode)
+        loss, top = nll(qm)
+        agree = sum((a == b).float().mean().item() for a, b in zip(base_tokens, greedy(qm))) / len(snippets)
+        print(f"  {mode}: perplexity {math.exp(loss):.3f} vs float32 {math.exp(base_nll):.3f} "
+              f"({math.exp(loss - base_nll):.4f}x); greedy agreement over {new} free-running tokens {agree:.3f}, "
+              f"top-1 agreement on the val text (float32's context) {(top == base_top).float().mean().item():.3f}")
+
+
+def _serving_row(config, new_tokens, streams=8):
+    """serve.py's engine (continuous batching) on a random model: `streams` requests of new_tokens each,
+    all at once, against the same requests one at a time; aggregate tokens/s."""
+    import queue
+
+    import serve
+    torch.manual_seed(0)
+    model = M.GPT(config).eval()
+    eng = serve.Engine("bench", model, T.get_tokenizer("byte"), None, "cpu", streams, 64)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.linspace(8, 64, streams)]
+
+    def run(batch):
+        out = queue.Queue()
+        seqs = [serve.Seq(p, new_tokens, 0.0, 1.0, [], 0, out, i) for i, p in enumerate(batch)]
+        eng.submit(seqs)
+        done = 0
+        while done < len(seqs):
+            done += out.get()[1] == "done"
+        return sum(s.n for s in seqs)
+    run(prompts[:2])  # warm-up
+    t0 = time.perf_counter()
+    n_one = sum(run([p]) for p in prompts)
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_all = run(prompts)
+    t_all = time.perf_counter() - t0
+    print(f"serve.py's engine, {config.n_layer}L {config.n_embd}w: {streams} streams of {new_tokens} tokens at once "
+          f"{n_all / t_all:.0f} tok/s vs one at a time {n_one / t_one:.0f} tok/s ({n_all / t_all / (n_one / t_one):.2f}x)")
 
 
 # -----------------------------------------------------------------------------

@@ -76,6 +76,7 @@ import prepare
 import tokenizer as T
 from common import Progress, atomic_path, configure, die, download, fmt_num, pick_device, precision, short_reason
 from hf import load_model
+from quant import for_decoding
 
 # -----------------------------------------------------------------------------
 # default config
@@ -100,6 +101,7 @@ judge_data = ""            # pydocs-qa | alpaca | a .json/.jsonl file; '': the m
 judge_timeout = 60.0       # seconds per judge request
 judge_retries = 2          # further attempts after a timeout or a 5xx/429 answer
 device = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+quantize = ""              # '' | 'int8' | 'int4': score and decode with quantized weights on the CPU (quant.py)
 dtype = "auto"             # 'auto': bfloat16 autocast on CUDA, float32 elsewhere
 seed = 1337                # few-shot draws; code sampling
 code_samples = 1           # humaneval/mbpp: completions per problem (n of pass@k)
@@ -1175,20 +1177,23 @@ def main():
     data = {t: load_task(t) for t in names}  # bad files stop here, before the model loads
 
     dev = pick_device(device)
+    if quantize and quantize not in ("int8", "int4"):  # (before the model loads)
+        die(f"quantize must be int8 or int4 (or '' for float32), got {quantize!r}")
     model, ckpt, tok = load_model(init_from, out_dir, dev)
-    model.eval()
+    n_params = model.num_params()
+    model = for_decoding(model.eval(), quantize, dev)
     want, autocast = precision(dev, dtype)  # as in training; log-probs are taken in float32
     if chat is None:
         chat = bool(ckpt and ckpt.get("chat"))
     if chat and tok.special["<|end|>"] >= model.config.vocab_size:
         die("--chat=True but the model has no embeddings for the chat tokens (a base model): fine-tune it "
             "first (finetune.py) or leave --chat unset")
-    key = "ckpt.pt" if init_from == "resume" else init_from
-    info = {"init_from": init_from, "step": ckpt.get("step") if ckpt else None,
-            "params": model.num_params(), "tokenizer": f"{tok.kind} ({tok.n_vocab})"}
+    key = ("ckpt.pt" if init_from == "resume" else init_from) + (f" ({quantize})" if quantize else "")
+    info = {"init_from": init_from, "step": ckpt.get("step") if ckpt else None, "quantize": quantize or None,
+            "params": n_params, "tokenizer": f"{tok.kind} ({tok.n_vocab})"}
     where = f"{out_dir}/ckpt.pt, step {info['step']}" if init_from == "resume" else init_from
-    print(f"model: {where}, {model.num_params() / 1e6:.2f}M parameters, {tok.kind} tokenizer ({tok.n_vocab}), "
-          f"{dev} {want}" + (", chat template" if chat else ""))
+    print(f"model: {where}, {n_params / 1e6:.2f}M parameters, {tok.kind} tokenizer ({tok.n_vocab}), "
+          f"{dev} {quantize or want}" + (", chat template" if chat else ""))
 
     results = {}
     for t in names:

@@ -16,6 +16,7 @@ import torch
 
 from common import configure, die, pick_device, precision
 from hf import load_model
+from quant import for_decoding
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ..., or a Hugging Face model directory
@@ -30,6 +31,7 @@ seed = 1337
 stop_at_eot = True    # a sample ends at <|endoftext|>
 device = 'auto'       # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 chat = False          # chat in the template of a fine-tuned model: messages from stdin, or one reply to --start
+quantize = ''         # '' | 'int8' | 'int4': decode with quantized weights on the CPU (quant.py)
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -39,7 +41,7 @@ if temperature < 0 or (top_k is not None and top_k < 1) or not 0 < top_p <= 1:
     die(f"need temperature >= 0, top_k >= 1 or None, 0 < top_p <= 1 (got {temperature}, {top_k}, {top_p})")
 device = pick_device(device)
 model, ckpt, tok = load_model(init_from, out_dir, device)
-model.eval()
+model = for_decoding(model.eval(), quantize, device)
 
 if start.startswith('FILE:'):
     path = Path(start[len('FILE:'):])

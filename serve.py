@@ -49,6 +49,7 @@ port = 8000
 api_key = ""                  # when set, /v1/* needs the header "Authorization: Bearer <api_key>"
 prefs = "prefs.jsonl"         # the arena's picks are appended here as {prompt, chosen, rejected}
 device = "auto"
+quantize = ""                 # '' | 'int8' | 'int4': decode with quantized weights on the CPU (quant.py)
 max_batch = 8                 # rows decoded together, per model
 max_queue = 64                # requests waiting for a row, per model; more are answered 429
 max_tokens_limit = 4096       # the largest max_tokens a request may ask for (the context caps it anyway)
@@ -70,9 +71,9 @@ class ApiError(Exception):
 class Seq:
     """One choice being generated: its prompt, settings, and the events it posts to its request's queue."""
 
-    def __init__(self, ids, max_new, temperature, top_p, stops, seed, out, index):
+    def __init__(self, ids, max_new, temperature, top_p, stops, seed, out, index, device="cpu"):
         self.ids, self.max_new, self.temperature, self.top_p, self.stops = ids, max_new, temperature, top_p, stops
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device=device).manual_seed(seed)  # its own: its text depends on nothing else
         self.out, self.index = out, index
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.n, self.pos, self.last = "", 0, 0, len(ids), None
@@ -353,7 +354,7 @@ class Handler(BaseHTTPRequestHandler):
             chat = routes[self.path]
             eng, ids, o = parse_request(self.read_body(), chat, self.engines)
             events = queue.Queue()
-            seqs = [Seq(ids, o["max_new"], o["temperature"], o["top_p"], o["stops"], o["seed"] + i, events, i)
+            seqs = [Seq(ids, o["max_new"], o["temperature"], o["top_p"], o["stops"], o["seed"] + i, events, i, eng.dev)
                     for i in range(o["n"])]
             eng.submit(seqs)
         except ApiError as e:
@@ -484,9 +485,11 @@ def make_server(engines, host_="127.0.0.1", port_=0, key="", prefs_file=None):
     return server
 
 
-def load_engine(init, directory, dev):
+def load_engine(init, directory, dev, quant=""):
     from hf import load_model
+    from quant import for_decoding
     model, ckpt, tok = load_model(init, directory, dev)
+    model = for_decoding(model, quant, dev)
     name = Path(directory).name if init == "resume" else Path(init).name
     return Engine(name, model, tok, ckpt, dev, max_batch, max_queue)
 
@@ -496,6 +499,8 @@ def main():
     if max_batch < 1 or max_queue < 0 or not 0 < port < 65536 and port != 0:
         die(f"need max_batch >= 1, max_queue >= 0 and a port in 1..65535 (got {max_batch}, {max_queue}, {port})")
     dev = pick_device(device)
+    if quantize and quantize not in ("int8", "int4"):
+        die(f"quantize must be int8 or int4 (or '' for float32), got {quantize!r}")
     engines = {}  # filled once the port is ours: a busy port should not cost the load of a model
     try:
         server = make_server(engines, host, port, api_key, Path(prefs) if prefs else None)
@@ -503,7 +508,7 @@ def main():
         die(f"cannot listen on {host}:{port} ({e.strerror}): another server is using it? choose another --port")
     for init, directory in ((init_from, out_dir), ("resume", out_dir_b)):
         if directory or init != "resume":
-            e = load_engine(init, directory, dev)
+            e = load_engine(init, directory, dev, quantize)
             if e.name in engines:
                 e.name = f"{e.name}-b"
             engines[e.name] = e
@@ -512,7 +517,7 @@ def main():
         if a.tok.spec != b.tok.spec:
             print(f"note: {a.name} and {b.name} use different tokenizers ({a.tok.kind}, {b.tok.kind}): the arena works, "
                   f"but their token counts are not comparable", file=sys.stderr)
-    desc = ", ".join(f"{n} ({'chat' if e.chat else 'base'}, {e.model.num_params() / 1e6:.1f}M)" for n, e in engines.items())
+    desc = ", ".join(f"{n} ({'chat' if e.chat else 'base'}{', ' + quantize if quantize else ''})" for n, e in engines.items())
     print(f"serving {desc} on http://{host}:{server.server_address[1]} (the page at /, the API at /v1); arena picks "
           f"-> {prefs or 'nowhere'}", flush=True)
     try:

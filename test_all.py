@@ -5342,7 +5342,7 @@ def _rss_mb():
 
 
 def test_serve_faults_and_load():
-    """200 requests from 8 concurrent clients all answered right; 26 kinds of malformed request each a 4xx
+    """200 requests from 8 concurrent clients all answered right; 25 kinds of malformed request each a 4xx
     with OpenAI's error object; clients that disconnect mid-stream or before a non-streamed reply stop their
     generation at once; a slow reader gets its whole stream while others are served; a full queue is 429; an
     API key is enforced. Afterwards the server answers as before and this process has grown < 64 MB."""
@@ -5568,6 +5568,49 @@ def test_serve_cli_bad_input_one_line():
         busy.close()
     assert_clear_error(run_here("serve.py", ["--out_dir=/no/such/dir", "--port=0"]), "/no/such/dir")
     assert_clear_error(run_here("serve.py", ["--out_dir=x", "--max_batch=0"]), "max_batch")
+
+
+def test_quant_int8_int4_perplexity_and_greedy_agreement():
+    """quant.py on the tiny SFT model: held-out perplexity within 2% of float32 (int8) and 10% (int4), greedy
+    decoding agreeing on >= 90% of 64 tokens (int8), and the head and every block's Linear replaced."""
+    import quant as Q
+    m, _, tok = H.load_model("resume", _sft_model()[1], "cpu")
+    recs = json.loads(Path(shared_file("instruction-data.json")).read_text())
+    ids = torch.tensor([tok.encode("\n\n".join(r["instruction"] + "\n" + r["output"] for r in recs[-60:]))[:3000]])
+
+    def nll(model):
+        with torch.no_grad():
+            return sum(model(ids[:, i:i + 300], ids[:, i + 1:i + 301])[1].item() * 300 for i in range(0, 2700, 300)) / 2700
+    f = nll(m)
+    prompts = [torch.tensor([tok.encode(r["instruction"])[:100]]) for r in recs[:4]]
+    greedy = lambda model, p: torch.stack(list(model.generate(p, 64, temperature=0)), 1)
+    want = [greedy(m, p) for p in prompts]
+    for mode, bound in (("int8", 1.02), ("int4", 1.10)):
+        q = Q.quantize(copy.deepcopy(m), mode)
+        assert sum(isinstance(x, Q.QuantLinear) for x in q.modules()) == 1 + 4 * len(q.transformer.h)
+        ratio = math.exp(nll(q) - f)
+        agree = sum((w == greedy(q, p)).float().mean().item() for w, p in zip(want, prompts)) / len(prompts)
+        print(f"  {mode}: perplexity {ratio:.4f}x float32's, greedy agreement {agree:.3f} over 64 tokens")
+        assert ratio < bound and (mode != "int8" or agree >= 0.9), (mode, ratio, agree)
+
+
+def test_quant_command_lines():
+    """--quantize for eval.py (its results kept apart as 'ckpt.pt (int8)'), sample.py and serve.py; a mode that
+    does not exist is one clear line in each, before any model loads."""
+    sft = _sft_model()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(sft / "ckpt.pt", Path(tmp) / "ckpt.pt")
+        lm = [f"--out_dir={tmp}", "--tasks=lm", f"--lm_data={shared_file('tinyshakespeare.txt')}", "--lm_max_tokens=3000",
+              "--device=cpu"]
+        assert run_eval(*lm).returncode == 0 and run_eval(*lm, "--quantize=int8").returncode == 0
+        res = json.loads((Path(tmp) / "eval.json").read_text())
+        plain, q8 = (res[k]["tasks"]["lm:tinyshakespeare.txt"] for k in ("ckpt.pt", "ckpt.pt (int8)"))
+        assert res["ckpt.pt (int8)"]["quantize"] == "int8" and abs(q8["bpb"] / plain["bpb"] - 1) < 0.01, (plain, q8)
+        p = run_here("sample.py", [f"--out_dir={sft}", "--quantize=int4", "--start=The", "--max_new_tokens=8",
+                                   "--num_samples=1", "--device=cpu"])
+        assert p.returncode == 0 and p.stdout.startswith("The"), p.stderr[-1000:]
+    for script, extra in (("sample.py", []), ("eval.py", ["--tasks=lm"]), ("serve.py", ["--port=0"])):
+        assert_clear_error(run_here(script, [f"--out_dir={sft}", "--quantize=int3", "--device=cpu", *extra]), "int3", "int8")
 
 
 # ----- clean: the fastText-style classifier, against fastText itself (last: fastText's test pins malloc) -----
