@@ -5556,8 +5556,8 @@ def test_serve_page_in_a_browser():
 
 
 def test_serve_cli_bad_input_one_line():
-    """python serve.py: a port in use, a missing checkpoint, a bad setting: one line, exit 2, before any model
-    loads (the port is checked first); two arena models of different tokenizers are allowed with a note."""
+    """python serve.py: a port in use, a missing checkpoint, a bad setting: one line, exit 2 (a busy port before
+    any model loads); two arena models of different tokenizers are allowed, with a note saying so."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -5568,6 +5568,18 @@ def test_serve_cli_bad_input_one_line():
         busy.close()
     assert_clear_error(run_here("serve.py", ["--out_dir=/no/such/dir", "--port=0"]), "/no/such/dir")
     assert_clear_error(run_here("serve.py", ["--out_dir=x", "--max_batch=0"]), "max_batch")
+    # two arena models of different tokenizers (byte, GPT-2's): allowed, and said (serve_forever returns at once)
+    other = FT_TMP / "serve-gpt2-tokens"
+    if not (other / "ckpt.pt").exists():
+        from common import save_checkpoint
+        cfg = M.GPTConfig(vocab_size=50304, block_size=64, n_layer=1, n_head=2, n_embd=32)
+        save_checkpoint({"model": M.GPT(cfg).state_dict(), "model_args": asdict(cfg), "config": {}, "step": 0,
+                         "best_val_loss": 0.0, "tokenizer": {"kind": "gpt2", "path": str(shared_file("gpt2.tiktoken"))},
+                         "meta": {}, "rng": {}}, other / "ckpt.pt")
+    with mock.patch.object(ThreadingHTTPServer, "serve_forever", lambda self, *a: None):
+        p = run_here("serve.py", [f"--out_dir={_serve_chat()}", f"--out_dir_b={other}", "--port=0", "--device=cpu"])
+    assert p.returncode == 0 and "serving serve-chat (chat), serve-gpt2-tokens (base)" in p.stdout, p.stdout + p.stderr
+    assert "different tokenizers" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_quant_int8_int4_perplexity_and_greedy_agreement():
