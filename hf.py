@@ -169,7 +169,12 @@ def save_hf(model, path, tok=None, chat=False):
     GPT2LMHeadModel, Llama style ones (RMSNorm + RoPE + SwiGLU) as LlamaForCausalLM. With tok, its tokenizer
     too (tokenizer.to_hf: AutoTokenizer gives our ids) and generation_config.json (generate() stops at end of
     text; chat: also at <|end|>, and tokenizer_config.json gets our chat template)."""
-    c, path = model.config, Path(path)
+    c = model.config
+    odd = [k for k, on in (("qk_norm", c.qk_norm), ("logit_softcap", c.logit_softcap), ("mlp='relu2'", c.mlp == "relu2")) if on]
+    if odd:
+        die(f"save_hf: {', '.join(odd)} cannot be exported: GPT2LMHeadModel and LlamaForCausalLM have no such switch "
+            f"(train with it off to export; zero_init is only an initialisation and exports)")
+    path = Path(path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     eot = None if tok is None else tok.eot_id
     common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings, torch_dtype='float32',

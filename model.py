@@ -25,16 +25,20 @@ class GPTConfig:
     norm: str = 'layernorm'      # 'layernorm' | 'rmsnorm'
     pos: str = 'learned'         # 'learned' | 'rope'
     rope_theta: float = 10000.0
-    mlp: str = 'gelu'            # 'gelu' (exact, as nanoGPT) | 'gelu_tanh' (GPT-2's approximation) | 'swiglu'
+    mlp: str = 'gelu'            # 'gelu' (exact, as nanoGPT) | 'gelu_tanh' (GPT-2's approximation) | 'swiglu' | 'relu2'
     mlp_hidden: int | None = None  # None -> 4*n_embd (gelu) or 8/3*n_embd rounded up to 64 (swiglu, as Llama)
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     norm_eps: float = 1e-5
+    # modded-nanogpt's switches (off: GPT-2's and Llama's architectures, which hf.py exports, stay exactly as they are)
+    qk_norm: bool = False        # each head's q and k to unit RMS before attention (and before RoPE)
+    logit_softcap: float = 0.0   # > 0: logits = cap * tanh(logits / cap)
+    zero_init: bool = False      # the output projections (attention's and the MLP's c_proj) start at zero
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp != 'swiglu' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        for key, allowed in (('norm', ('layernorm', 'rmsnorm')), ('pos', ('learned', 'rope')), ('mlp', ('gelu', 'gelu_tanh', 'swiglu'))):
+        for key, allowed in (('norm', ('layernorm', 'rmsnorm')), ('pos', ('learned', 'rope')), ('mlp', ('gelu', 'gelu_tanh', 'swiglu', 'relu2'))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"GPTConfig.{key}={getattr(self, key)!r}: must be one of {allowed}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
@@ -130,7 +134,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.dropout = config.dropout
+        self.dropout, self.qk_norm = config.dropout, config.qk_norm
         # q, k and v projections in one matmul: n_head query heads, n_kv_head key and value heads
         self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -140,9 +144,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)
-        if rope is not None:  # q and k are adjacent in qkv: rotate both with one call
+        if rope is not None or self.qk_norm:  # q and k are adjacent in qkv: normalise and rotate both at once
             qk, v = qkv.split([nh + nkv, nkv], dim=2)
-            q, k = apply_rope(qk, rope[0].to(qk.dtype), rope[1].to(qk.dtype)).split([nh, nkv], dim=2)
+            qk = F.rms_norm(qk, (hd,)) if self.qk_norm else qk
+            qk = apply_rope(qk, rope[0].to(qk.dtype), rope[1].to(qk.dtype)) if rope is not None else qk
+            q, k = qk.split([nh, nkv], dim=2)
         else:
             q, k, v = qkv.split([nh, nkv, nkv], dim=2)  # split, not slicing: its backward is one cat
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -187,6 +193,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == 'relu2':
+            h = F.relu(h).square()
         else:  # exact GELU is ~3x faster than the tanh form on CPU
             h = F.gelu(h, approximate='tanh' if self.kind == 'gelu_tanh' else 'none')
         y = self.c_proj(h)
@@ -229,8 +237,8 @@ class GPT(nn.Module):
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2*n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith('c_proj.weight'):  # (zero_init: each block starts as the identity)
+                nn.init.normal_(p, mean=0.0, std=0.0 if config.zero_init else 0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -342,7 +350,9 @@ class GPT(nn.Module):
             return x
         if last_only:  # generation only needs the next-token logits: skip the rest of the lm_head
             x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x))
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), seed=None,

@@ -1864,6 +1864,63 @@ def test_model_mfu_names_and_trained_context():
         assert abs(m.estimate_mfu(1e5, "cuda", 256) - m.flops_per_token(256) * 1e5 / 835e12) < 1e-12
 
 
+# ----- model: modded-nanogpt's architecture switches (issue 17; -k switch) -----
+
+
+def test_switches_change_the_forward_and_keep_decoding_exact():
+    """qk_norm, mlp='relu2', logit_softcap and zero_init each change the logits of the same seed's model (on
+    the Llama and the GPT-2 layouts, with and without RoPE); softcapped logits stay inside the cap; zero_init
+    starts every c_proj at 0, so each block is the identity; KV-cache decoding equals recomputing the context
+    with all of them on."""
+    x = torch.randint(0, 64, (2, 12))
+    for style in (dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False), dict(norm="layernorm", pos="learned", mlp="gelu")):
+        base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, **style)
+
+        def logits(**switch):
+            torch.manual_seed(0)
+            m = M.GPT(M.GPTConfig(**{**base, **switch})).eval()
+            with torch.no_grad():
+                return m, m(x)[0]
+        _, plain = logits()
+        cap = plain.abs().max().item() / 2  # (random logits are small: a cap below them bites)
+        for switch in (dict(qk_norm=True), dict(mlp="relu2"), dict(logit_softcap=cap), dict(zero_init=True)):
+            m, out = logits(**switch)
+            assert (out - plain).abs().max() > 1e-4, (style, switch)
+        _, capped = logits(logit_softcap=cap)
+        assert capped.abs().max() < cap
+        m, _ = logits(zero_init=True)
+        assert all(p.abs().max() == 0 for n, p in m.named_parameters() if n.endswith("c_proj.weight"))
+        h = torch.randn(2, 12, 32)
+        with torch.no_grad():
+            blk = m.transformer.h[0]
+            rope = (m.rope_cos[:12], m.rope_sin[:12]) if style["pos"] == "rope" else None
+            assert torch.equal(blk(h, rope), h)  # each block adds 0 at the start
+        torch.manual_seed(1)
+        m = M.GPT(M.GPTConfig(**{**base, "qk_norm": True, "mlp": "relu2", "logit_softcap": 3.0})).eval()
+        cached = torch.stack(list(m.generate(x, 10, temperature=0)), 1)
+        recomputed = torch.stack(list(m.generate(x, 10, temperature=0, use_cache=False)), 1)
+        assert torch.equal(cached, recomputed)
+
+
+def test_switches_train_and_hf_refuses_what_it_cannot_export():
+    """train.py with all four switches on learns (the loss falls); hf.py refuses to export qk_norm,
+    logit_softcap or relu2 with one clear line, and exports zero_init (only an initialisation) as it is."""
+    out = Path(_TMP) / "out-switches"
+    train(out, "--max_iters=30", "--eval_interval=30", "--qk_norm=True", "--mlp=relu2", "--logit_softcap=15",
+          "--zero_init=True")
+    recs = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert recs[-1] < recs[0] - 0.5, recs
+    m, _, _ = H.load_model("resume", out, "cpu")
+    assert (m.config.qk_norm, m.config.mlp, m.config.logit_softcap) == (True, "relu2", 15.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        err = expect_die(H.save_hf, m, tmp)
+        assert "qk_norm, logit_softcap, mlp='relu2' cannot be exported" in err and len(err.strip().splitlines()) == 1, err
+        torch.manual_seed(0)
+        z = M.GPT(M.GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16, zero_init=True))
+        H.save_hf(z, tmp)
+        assert (Path(tmp) / "config.json").exists()
+
+
 # ----- model: sample.py -----
 
 

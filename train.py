@@ -46,7 +46,8 @@ num_shards = 0             # for dataset='fineweb10B': train shards of 100M toke
 total_batch_size = 8192   # tokens per optimizer step, all ranks and micro-steps together
 batch_size = 16            # sequences per micro-step per rank
 block_size = 256
-# model (Llama style by default; GPT-2 style is norm='layernorm', pos='learned', mlp='gelu', bias=True)
+# model (Llama style by default; GPT-2 style is norm='layernorm', pos='learned', mlp='gelu', bias=True;
+# mlp='relu2' is modded-nanogpt's ReLU squared)
 n_layer = 4
 n_head = 6
 n_kv_head = 2
@@ -58,6 +59,9 @@ pos = "rope"
 rope_theta = 10000.0
 mlp = "swiglu"
 tie_embeddings = True
+qk_norm = False            # modded-nanogpt's switches (model.py); hf.py cannot export the first three
+logit_softcap = 0.0        # > 0: logits = cap * tanh(logits / cap), e.g. 15 or 30
+zero_init = False          # output projections start at zero
 pad_vocab = 64             # round the embedding table up to a multiple of this (faster matmuls on GPU)
 # optimizer and schedule
 learning_rate = 3e-3
@@ -186,7 +190,8 @@ elif init_from == "scratch":
     padded = math.ceil(data_vocab / pad_vocab) * pad_vocab
     model = M.GPT(M.GPTConfig(vocab_size=padded, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias, norm=norm,
-                              pos=pos, rope_theta=rope_theta, mlp=mlp, tie_embeddings=tie_embeddings))
+                              pos=pos, rope_theta=rope_theta, mlp=mlp, tie_embeddings=tie_embeddings,
+                              qk_norm=qk_norm, logit_softcap=logit_softcap, zero_init=zero_init))
 else:
     from hf import load_model
     model, _, tok = load_model(init_from, out_dir, "cpu")
