@@ -359,8 +359,8 @@ def optimizer_step(optimizer, params, lr, grad_clip, scaler=None, pp_group=None)
         for g in groups.values():
             torch.nn.utils.clip_grads_with_norm_(g, grad_clip, norm)
     bad = ~torch.isfinite(norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # (Muon's groups run at their own multiple of the schedule's lr)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -371,6 +371,45 @@ def optimizer_step(optimizer, params, lr, grad_clip, scaler=None, pp_group=None)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, bad
+
+
+class MuonWithAdamW:
+    """Two optimizers stepped as one: torch.optim.Muon for the blocks' matrices, AdamW for the rest (embeddings,
+    head, norms, biases). param_groups spans both (each group's lr_scale sets its lr relative to the schedule's);
+    state_dict holds both."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.adamw.load_state_dict(sd["adamw"])
+        self.muon.load_state_dict(sd["muon"])
+
+
+def muon_with_adamw(model, muon_lr_scale, weight_decay, betas, device_type):
+    """optimizer='muon' (modded-nanogpt, nanochat): Muon, with Keller Jordan's shape adjustment of the lr, on
+    the 2-D weights inside the transformer blocks (a fused matrix such as [q; k; v] is orthogonalised whole),
+    running at muon_lr_scale times the schedule's lr; the model's AdamW on everything else."""
+    import torch
+    hidden = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and ".h." in f".{n}"]
+    muon = torch.optim.Muon(hidden, lr=muon_lr_scale, weight_decay=weight_decay, adjust_lr_fn="original")
+    muon.param_groups[0]["lr_scale"] = muon_lr_scale
+    return MuonWithAdamW(muon, model.configure_optimizers(weight_decay, 1.0, betas, device_type, skip=hidden))
 
 
 class StepChecks:

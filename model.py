@@ -272,9 +272,10 @@ class GPT(nn.Module):
         peak = peak_flops(torch.cuda.get_device_name(device))
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, skip=()):
+        """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norm gains;
+        the parameters in skip are left to another optimizer."""
+        params = [p for p in self.parameters() if p.requires_grad and not any(p is q for q in skip)]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         # the fused kernel (CUDA, and CPU since torch 2.4) made the baby shakespeare_char step ~10% faster on CPU;

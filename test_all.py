@@ -1921,6 +1921,72 @@ def test_switches_train_and_hf_refuses_what_it_cannot_export():
         assert (Path(tmp) / "config.json").exists()
 
 
+def test_muon_update_is_newton_schulz_orthogonalisation():
+    """optimizer='muon': on a 48 x 32 matrix, the first step of train.py's Muon moves the weight by lr *
+    sqrt(max(1, 48/32)) times the quintic Newton-Schulz orthogonalisation of the gradient (5 steps of
+    modded-nanogpt's coefficients, computed here in float64; torch runs it in bfloat16): the update's singular
+    values all lie near 1 where the gradient's spread over a factor > 10; the blocks' matrices go to Muon and
+    everything else (embeddings, head, norms) to AdamW."""
+    from common import muon_with_adamw
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, bias=False, norm="rmsnorm",
+                          pos="rope", mlp="relu2"))
+    opt = muon_with_adamw(m, 10.0, 0.0, (0.9, 0.95), "cpu")
+    muon_ids = {id(p) for p in opt.muon.param_groups[0]["params"]}
+    names = {n for n, p in m.named_parameters() if id(p) in muon_ids}
+    assert names == {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                     "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}, names
+    assert not muon_ids & {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    w = m.transformer.h[0].attn.c_attn.weight  # (96, 32): tall
+    g = torch.randn(96, 32, dtype=torch.float64) @ torch.diag(torch.logspace(0, 1.5, 32, dtype=torch.float64))
+    before = w.detach().clone()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    w.grad = g.float()
+    common.optimizer_step(opt, m.parameters(), 0.01, 0.0)
+    a, b, c = 3.4445, -4.775, 2.0315
+    x = (g / g.norm()).T  # tall: iterate on the transpose
+    for _ in range(5):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    want = -0.01 * 10.0 * math.sqrt(96 / 32) * x.T
+    got = (w.detach() - before).double()
+    assert (got - want).norm() / want.norm() < 0.03, (got - want).norm() / want.norm()
+    sv, sg = torch.linalg.svdvals(got / (0.1 * math.sqrt(3))), torch.linalg.svdvals(g)
+    assert sv.min() > 0.5 and sv.max() < 1.3 and sg.max() / sg.min() > 10, (sv, sg.max() / sg.min())
+
+
+def test_muon_resume_after_sigkill_is_exact_and_ddp_matches_one_process():
+    """optimizer='muon' (with its momentum warm-up): a run SIGKILLed after its step-8 checkpoint and resumed
+    ends with the uninterrupted run's weights bit for bit; 2 DDP ranks log the losses of one process with the
+    same global batch; resuming with the other optimizer, or an unknown one, is one clear line."""
+    full, killed, two = Path(_TMP) / "muon-full", Path(_TMP) / "muon-killed", Path(_TMP) / "muon-2rank"
+    args = ["--max_iters=16", "--eval_interval=8", "--optimizer=muon", "--muon_momentum_warmup=10",
+            "--total_batch_size=512"]
+    train(full, *args)
+    cmd = [PY, "train.py", f"--data_root={tiny_data()}", f"--out_dir={killed}", *TINY, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **RUN_ENV})
+    for line in proc.stdout:
+        if line.startswith("step 11/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert _weights(killed)["step"] == 8
+    train(killed, *args, "--init_from=resume")
+    a, b = _weights(full), _weights(killed)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert set(a["optimizer"]) == {"adamw", "muon"}
+    p = torchrun("train.py", f"--data_root={tiny_data()}", f"--out_dir={two}", *TINY, *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    la = [(r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(full) if "loss" in r or "val_loss" in r]
+    lb = [(r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(two) if "loss" in r or "val_loss" in r]
+    assert len(la) == len(lb) and all(x[0] == y[0] and abs(x[1] - y[1]) < 1e-3 for x, y in zip(la, lb)), (la, lb)
+    assert_clear_error(train(full, "--max_iters=20", "--init_from=resume", check=None), "optimizer=muon")
+    assert_clear_error(run_here("train.py", [f"--data_root={tiny_data()}", f"--out_dir={_TMP}/m", *TINY, "--optimizer=sgd"]),
+                       "'adamw' or 'muon'")
+
+
 # ----- model: sample.py -----
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler, load_checkpoint,
-                    metrics_log, optimizer_step, precision, restore_rng, rng_states, save_checkpoint, setup_ddp)
+                    metrics_log, muon_with_adamw, optimizer_step, precision, restore_rng, rng_states, save_checkpoint,
+                    setup_ddp)
 import parallel
 import prepare
 
@@ -64,6 +65,10 @@ logit_softcap = 0.0        # > 0: logits = cap * tanh(logits / cap), e.g. 15 or 
 zero_init = False          # output projections start at zero
 pad_vocab = 64             # round the embedding table up to a multiple of this (faster matmuls on GPU)
 # optimizer and schedule
+optimizer = "adamw"        # 'adamw' | 'muon': Muon on the blocks' matrices, AdamW on the rest (one process or DDP)
+muon_lr = 0.02             # muon: the matrices' peak learning rate (the schedule scales it as learning_rate)
+muon_momentum = 0.95
+muon_momentum_warmup = 300 # steps over which Muon's momentum rises from 0.85
 learning_rate = 3e-3
 max_iters = 250
 weight_decay = 0.1
@@ -97,6 +102,8 @@ if compile is not None and not isinstance(compile, bool):
     die(f"compile must be True, False or None (auto), got {compile!r}")
 if lr_schedule not in ("cosine", "wsd"):
     die(f"lr_schedule must be 'cosine' or 'wsd', got '{lr_schedule}'")
+if optimizer not in ("adamw", "muon"):
+    die(f"optimizer must be 'adamw' or 'muon', got '{optimizer}'")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
@@ -104,6 +111,9 @@ device_type = device.split(":")[0]
 mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload, tp, pp, cfg=SimpleNamespace(
     n_head=n_head, n_kv_head=n_kv_head or n_head, n_layer=n_layer))  # None: not sharded (one process, DDP)
 on_mesh = mesh is not None  # FSDP and/or tensor parallel: a sharded checkpoint
+if optimizer == "muon" and on_mesh:
+    die("optimizer='muon' runs in one process or under DDP: its Newton-Schulz step needs each matrix whole, and "
+        "FSDP, tensor and pipeline parallel shard them (use --optimizer=adamw there)")
 dp_rank, dp_world = parallel.data_rank(mesh, rank, world_size)  # one tensor-parallel group reads the same rows
 tokens_per_micro = batch_size * block_size * dp_world
 if total_batch_size % tokens_per_micro:
@@ -114,6 +124,8 @@ lr_decay_iters = lr_decay_iters or max_iters
 dtype, autocast = precision(device, dtype)
 autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
+if optimizer == "muon" and scaler is not None:
+    die("optimizer='muon' with float16 (its GradScaler) is not supported: use --dtype=bfloat16 or float32")
 if compile is None:
     compile = device_type == "cuda"
 out = Path(out_dir)
@@ -214,7 +226,8 @@ with torch.device("meta"):  # the whole model's FLOPs for the MFU, shapes only: 
     flops_model = M.GPT(raw_model.config) if pp > 1 else raw_model
 model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, compile, cpu_offload, dtype)
 # after parallelize: FSDP replaces the parameters with sharded ones, which the optimizer must hold
-optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+opt = (raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type) if optimizer == "adamw"
+       else muon_with_adamw(raw_model, muon_lr / learning_rate, weight_decay, (beta1, beta2), device_type))
 pipe = None
 if pp > 1:  # each microbatch's summed loss over this rank's tokens of the step: FSDP averages over the ranks
     tokens_per_rank = batch_size * block_size * grad_accum
@@ -223,10 +236,13 @@ if pp > 1:  # each microbatch's summed loss over this rank's tokens of the step:
 train_gen = torch.Generator().manual_seed(seed)
 step, best_val_loss = 0, float("inf")
 if ckpt is not None and sharded:
-    parallel.load_sharded(resume_path, raw_model, optimizer if init_from == "resume" else None)
+    parallel.load_sharded(resume_path, raw_model, opt if init_from == "resume" else None)
 if ckpt is not None and init_from == "resume":
     if not sharded:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["config"].get("optimizer", "adamw") != optimizer:
+            die(f"{resume_path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')}: resume with "
+                f"that (--optimizer=...), or start a new --out_dir")
+        opt.load_state_dict(ckpt["optimizer"])
     step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
     train_gen.set_state(ckpt["rng"]["data"])
     restore_rng(ckpt["rng"], rank, world_size, device_type)
@@ -285,9 +301,9 @@ def save():
              "rng": {"data": train_gen.get_state(), **rng_states(ddp, device_type)},
              "scaler": scaler.state_dict() if scaler is not None else None}
     if on_mesh:
-        parallel.save_sharded(ckpt_path, raw_model, optimizer, extra)
+        parallel.save_sharded(ckpt_path, raw_model, opt, extra)
     elif master:
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, ckpt_path)
+        save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), **extra}, ckpt_path)
 
 
 jsonl = metrics_log(out, master)
@@ -349,7 +365,10 @@ while True:
                 [ix[r:r + batch_size] for r in rows])), device)
         torch.distributed.all_reduce(loss)  # the last stage's losses, to every rank (each tp rank holds them)
         loss /= dp_world * tp
-    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler,
+    if optimizer == "muon":  # its momentum warms up from 0.85 to muon_momentum (modded-nanogpt)
+        for g in opt.muon.param_groups:
+            g["momentum"] = 0.85 + (muon_momentum - 0.85) * min(1.0, step / max(1, muon_momentum_warmup))
+    grad_norm, bad = optimizer_step(opt, model.parameters(), lr, grad_clip, scaler,
                                     mesh["pp"].get_group() if pp > 1 else None)
     checks.record(step, loss, grad_norm, bad)
     step += 1
@@ -396,5 +415,5 @@ if master:
     print(f"done in {fmt_time(time.time() - t_start)}: best val loss {best_val_loss:.4f}"
           + (f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else "")
           + (f"; checkpoint {ckpt_path} (sample it with: python sample.py --out_dir={out_dir})" if ckpt_path.exists() else ""))
-del model, raw_model, optimizer  # what holds the process group goes before it (see common.end_ddp)
+del model, raw_model, opt  # what holds the process group goes before it (see common.end_ddp)
 end_ddp(ddp)
