@@ -816,11 +816,14 @@ GPT2_124M = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--n_kv_head=None", 
              "--pos=learned", "--mlp=gelu", "--bias=True"]
 
 
-def smoke(tmp, data, chat_data, train_args, steps=30):
+def smoke(tmp, data, chat_data, train_args, steps=30, run_script=None):
     """train.py for `steps` steps, SIGKILLed after the step-20 checkpoint and resumed; then sample.py, eval.py,
     finetune.py and dpo.py from its checkpoint, a few steps each. Returns the train metrics. (test_all runs this
-    on the CPU with a tiny model, so the GPU run does not meet its bugs first.)"""
+    on the CPU with a tiny model, so the GPU run does not meet its bugs first; its run_script(args) runs a
+    script in its own process, saving the interpreter start-ups.)"""
     import signal
+    run_script = run_script or (lambda args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
+                                                            text=True))
     out, sft, dpo = tmp / "out", tmp / "out-sft", tmp / "out-dpo"
     root = [f"--data_root={tmp / 'data'}"]
     t0 = time.time()
@@ -838,7 +841,7 @@ def smoke(tmp, data, chat_data, train_args, steps=30):
     if not (out / "ckpt.pt").exists():
         raise RuntimeError("".join(seen)[-3000:])
     first = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    p = subprocess.run([*cmd, "--init_from=resume"], cwd=ROOT, capture_output=True, text=True)
+    p = run_script([*cmd[1:], "--init_from=resume"])
     if p.returncode != 0:
         raise RuntimeError(p.stdout[-2000:] + p.stderr[-2000:])
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
@@ -856,7 +859,7 @@ def smoke(tmp, data, chat_data, train_args, steps=30):
 
     def run(what, args):
         t = time.time()
-        p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        p = run_script(args)
         if p.returncode != 0:
             raise RuntimeError(f"{what}: {p.stdout[-1500:]}{p.stderr[-1500:]}")
         tail = [l for l in (p.stdout or p.stderr).splitlines() if l.strip() and not l.startswith("-")]

@@ -707,7 +707,7 @@ def test_gpu_smoke_script_runs_on_cpu():
         tiny_model = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4",
                       "--total_batch_size=256", "--device=cpu", "--dtype=float32"]
         with redirect_stdout(io.StringIO()) as out, mock.patch.dict(os.environ, RUN_ENV):
-            recs, first = bench.smoke(Path(tmp), data, chat, tiny_model)
+            recs, first = bench.smoke(Path(tmp), data, chat, tiny_model, run_script=run)
             # its throughput table: one process, FSDP on one torchrun rank, the Llama config file's path
             shape = ["--n_layer=2", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--block_size=64"]
             rates = bench.throughput([f"--data_root={tmp}/data", *data, "--batch_size=4", "--total_batch_size=256",
