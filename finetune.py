@@ -15,7 +15,7 @@ import time
 import torch
 
 from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler, metrics_log,
-                    optimizer_step, precision, save_checkpoint, setup_ddp)
+                    muon_with_adamw, optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 import parallel
 
@@ -39,7 +39,9 @@ batch_size = 16            # examples per micro-step per rank
 grad_accum = 1             # micro-steps per optimizer step
 epochs = 2                 # passes over the train examples...
 max_iters = 0              # ...or exactly this many steps when > 0
+optimizer = "adamw"        # 'adamw' | 'muon' (as train.py: Muon on the blocks' matrices; one process or DDP)
 learning_rate = 3e-4
+muon_lr = 2e-3             # muon: the matrices' peak learning rate (scheduled as learning_rate)
 min_lr = 3e-5
 lr_schedule = "cosine"     # 'cosine' | 'wsd'
 warmup_iters = 20
@@ -60,6 +62,8 @@ config = configure(globals())
 ckpt_path = C.output_checkpoint(config, "base model")
 if max_iters < 0 or max_examples < 0 or eval_examples < 0 or block_size < 0:
     die("max_iters, max_examples, eval_examples and block_size must not be negative")
+if optimizer not in ("adamw", "muon"):
+    die(f"optimizer must be 'adamw' or 'muon', got '{optimizer}'")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
@@ -68,6 +72,9 @@ mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload)  # Non
 dtype, autocast = precision(device, dtype)
 autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
+if optimizer == "muon" and (mesh is not None or scaler is not None):
+    die("optimizer='muon' runs in one process or under DDP, in float32 or bfloat16 (not FSDP, not float16): "
+        "Newton-Schulz needs each matrix whole; use --optimizer=adamw there")
 
 # the model: the chat tokens get embedding rows if it has none (a GPT-2 import)
 model, base, tok = C.load_start(init_from, device, grow_vocab=True)
@@ -91,7 +98,9 @@ if master:
 
 raw_model = model
 model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, False, cpu_offload, dtype)
-optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)  # FSDP's params
+# after parallelize: FSDP's sharded parameters are the ones to optimize
+opt = (raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type) if optimizer == "adamw"
+       else muon_with_adamw(raw_model, muon_lr / learning_rate, weight_decay, (beta1, beta2), device_type))
 mine = val_set[rank::world_size]
 if mesh is not None:  # FSDP's forwards are collective: equal shares, topped up with an example of no target
     mine += [(val_set[0][0], [0] * len(val_set[0][1]))] * (-(-len(val_set) // world_size) - len(mine))
@@ -133,7 +142,7 @@ while step < max_iters:
     n_targets = sum(sum(mask[1:]) for examples in micro for _, mask in examples)  # this rank's reply tokens
     batches = (C.collate(examples, tok.eot_id, device) for examples in micro)
     loss = accumulate_gradients(model, batches, n_targets, autocast, ddp, scaler)
-    grad_norm, bad = optimizer_step(optimizer, model.parameters(), lr, grad_clip, scaler)
+    grad_norm, bad = optimizer_step(opt, model.parameters(), lr, grad_clip, scaler)
     checks.record(step, loss, grad_norm, bad)
     step += 1
     if step % log_interval == 0:
@@ -156,7 +165,7 @@ while step < max_iters:
             log({"step": step, "val_loss": val})
         if improved:
             best_val = val
-            state = parallel.plain_state(raw_model, optimizer)  # every rank: FSDP gathers the shards
+            state = parallel.plain_state(raw_model, opt)  # every rank: FSDP gathers the shards
             if master:
                 summary = {"init_from": init_from, "data": data, "step": step, "val_loss_before": val_before,
                            "val_loss": val}
@@ -167,5 +176,5 @@ if master:
     print(f"done in {fmt_time(time.time() - t0)}: held-out masked loss {val_before:.4f} -> {best_val:.4f}; "
           f"checkpoint {ckpt_path} (chat: python sample.py --out_dir={out_dir} --chat=True; "
           f"align: python dpo.py --init_from={out_dir})")
-del model, raw_model, optimizer  # what holds the process group goes before it (see common.end_ddp)
+del model, raw_model, opt  # what holds the process group goes before it (see common.end_ddp)
 end_ddp(ddp)
