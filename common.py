@@ -402,22 +402,26 @@ class MuonWithAdamW:
 
 
 def newton_schulz(g, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7):
-    """Muon's orthogonalisation: G scaled to norm 1, then `steps` rounds of the quintic X <- aX + (bS + cS^2)X
-    with S = XX^T (on the short side), which pushes every singular value towards 1 (to ~0.7-1.2)."""
+    """Muon's orthogonalisation of a matrix, or of a stack of them (..., rows, cols): each scaled to norm 1,
+    then `steps` rounds of the quintic X <- aX + (bS + cS^2)X with S = XX^T (on the short side), which pushes
+    every singular value towards 1 (to ~0.7-1.2)."""
     a, b, c = coefficients
-    x = g.T if g.size(0) > g.size(1) else g
-    x = x / x.norm().clamp(min=eps)
+    tall = g.size(-2) > g.size(-1)
+    x = g.mT if tall else g
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return x.T if g.size(0) > g.size(1) else x
+    return x.mT if tall else x
 
 
 def muon_optimizer(params, lr, weight_decay, momentum=0.95):
     """torch.optim.Muon's update (Nesterov momentum as its lerp, Newton-Schulz, Keller Jordan's lr scale
     sqrt(max(1, rows/cols)), decoupled weight decay), with Newton-Schulz in float32 off CUDA: torch runs it in
     bfloat16, whose matmuls CPUs emulate slowly (the default train.py step: 1.8-2.0k tok/s with torch's, 4.2-4.3k
-    with float32, the same losses to 4 digits). On CUDA it is torch.optim.Muon itself."""
+    with float32, the same losses to 4 digits). Matrices of one shape go through Newton-Schulz together, as
+    modded-nanogpt batches them (the small ones' steps are mostly per-call overhead). On CUDA it is
+    torch.optim.Muon itself."""
     import torch
     params = list(params)
     if params and params[0].device.type == "cuda":
@@ -428,13 +432,17 @@ def muon_optimizer(params, lr, weight_decay, momentum=0.95):
         def step(self):
             for group in self.param_groups:
                 mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+                by_shape = {}
                 for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.lerp_(p.grad, 1 - mu)
-                    update = newton_schulz(p.grad.lerp(buf, mu).float())
-                    p.mul_(1 - lr * wd).add_(update.to(p.dtype), alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
+                    if p.grad is not None:
+                        by_shape.setdefault(tuple(p.shape), []).append(p)
+                for (rows, cols), same in by_shape.items():
+                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
+                    for p, buf in zip(same, bufs):
+                        buf.lerp_(p.grad, 1 - mu)
+                    updates = newton_schulz(torch.stack([p.grad.lerp(buf, mu) for p, buf in zip(same, bufs)]).float())
+                    for p, u in zip(same, updates):
+                        p.mul_(1 - lr * wd).add_(u.to(p.dtype), alpha=-lr * max(1, rows / cols) ** 0.5)
     return Muon(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
 
 
