@@ -376,17 +376,21 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def events(self, seqs, queue_):
-        """(index, kind, value) as the engine posts them, until every choice is done; None if the client went."""
-        left = len(seqs)
+        """(index, kind, value) as the engine posts them, until every choice is done; it stops early if the
+        client went away (looked at every 0.05 s, busy or not: a reply being generated never leaves the queue idle)."""
+        left, looked = len(seqs), time.monotonic()
         while left:
             try:
-                ev = queue_.get(timeout=0.25)
+                ev = queue_.get(timeout=0.05)
             except queue.Empty:
+                ev = None
+            if time.monotonic() - looked >= 0.05:
                 if self.gone():
                     return
-                continue
-            left -= ev[1] in ("done", "error")
-            yield ev
+                looked = time.monotonic()
+            if ev is not None:
+                left -= ev[1] in ("done", "error")
+                yield ev
 
     def respond(self, eng, chat, ids, seqs, events, o):
         texts, ends, error = [""] * len(seqs), [None] * len(seqs), None

@@ -5550,11 +5550,15 @@ def test_serve_faults_and_load():
         s.close()
         head, _, body = got.decode().partition("\r\n\r\n")
         assert head.startswith("HTTP/1.1 413") and json.loads(body)["error"]["message"].startswith("the body is 2000000 bytes")
-        # disconnects: mid-stream after the first event, and before a non-streamed reply
+        # disconnects: mid-stream after the first event, and before a non-streamed reply (greedy: left alone,
+        # each reply would run its 300 tokens)
+        m, _, _ = H.load_model("resume", base, "cpu")
+        steps = list(m.generate(torch.tensor([T.get_tokenizer("byte").encode("go")]), 300, temperature=0, stop_tokens=(256,)))
+        assert len(steps) == 300 and int(steps[-1][0]) >= 0
         for stream in (True, False):
             before = eng.generated
             s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-            body = json.dumps({"prompt": "go", "max_tokens": 300, "stream": stream}).encode()
+            body = json.dumps({"prompt": "go", "max_tokens": 300, "stream": stream, "temperature": 0}).encode()
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
                       + str(len(body)).encode() + b"\r\n\r\n" + body)
             if stream:
