@@ -35,7 +35,7 @@ import torch
 
 import chat_data as C
 import reward as R
-from common import die
+from common import die, optimizer_step
 
 # -----------------------------------------------------------------------------
 # config (python rl.py --help lists these)
@@ -200,6 +200,15 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     return loss, stats
 
 
+def apply_gradients(loss, opt, grad_clip):
+    """loss.backward() from cleared gradients (a model copied with some, as a value model from a reward model,
+    starts clean), then the shared optimizer step at opt's own (constant) learning rate: clipped to grad_clip
+    (0: never), skipped when a gradient holds an inf or NaN."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer_step(opt, [q for g in opt.param_groups for q in g["params"]], opt.param_groups[0]["lr"], grad_clip)
+
+
 def ppo_step(policy, ref, value_model, score_fn, prompts, opt, cfg, gen_seed):
     """One PPO iteration on a batch of prompts: rollouts, rewards, GAE, then cfg['ppo_epochs'] passes of
     minibatches. score_fn(prompts, replies) -> (B,) scores. Returns the logged figures."""
@@ -228,10 +237,7 @@ def ppo_step(policy, ref, value_model, score_fn, prompts, opt, cfg, gen_seed):
             vpred = values_of(value_model, p, r, dev, width)
             loss, st = ppo_loss(logp, old_logp[mb], adv[mb], vpred, values[mb], returns[mb], m,
                                 cfg["cliprange"], cfg["cliprange_value"], cfg["vf_coef"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg["grad_clip"])
-            opt.step()
+            apply_gradients(loss, opt, cfg["grad_clip"])
             for k, v in st.items():
                 stats.setdefault(k, []).append(float(v))
     kl_sum = kl.sum(1)
@@ -260,10 +266,7 @@ def grpo_step(policy, ref, reward_fn, prompts, opt, cfg, gen_seed):
     for _ in range(cfg.get("num_iterations", 1)):
         logp, mask, entropy = token_logps(policy, rep_prompts, replies, dev, with_entropy=True)
         loss, st = grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg["cliprange"], cfg["beta"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg["grad_clip"])
-        opt.step()
+        apply_gradients(loss, opt, cfg["grad_clip"])
         for k, v in st.items():
             stats.setdefault(k if k.startswith("objective") else f"{k}_avg", []).append(float(v.detach()))
     out = {k: sum(v) / len(v) for k, v in stats.items()}
