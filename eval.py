@@ -76,7 +76,7 @@ import prepare
 import tokenizer as T
 from common import Progress, atomic_path, configure, die, download, fmt_num, pick_device, precision, short_reason
 from hf import load_model
-from quant import for_decoding
+from quant import check_mode, for_decoding
 
 # -----------------------------------------------------------------------------
 # default config
@@ -1177,8 +1177,7 @@ def main():
     data = {t: load_task(t) for t in names}  # bad files stop here, before the model loads
 
     dev = pick_device(device)
-    if quantize and quantize not in ("int8", "int4"):  # (before the model loads)
-        die(f"quantize must be int8 or int4 (or '' for float32), got {quantize!r}")
+    check_mode(quantize)
     model, ckpt, tok = load_model(init_from, out_dir, dev)
     n_params = model.num_params()
     model = for_decoding(model.eval(), quantize, dev)

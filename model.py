@@ -275,7 +275,8 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, skip=()):
         """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norm gains;
         the parameters in skip are left to another optimizer."""
-        params = [p for p in self.parameters() if p.requires_grad and not any(p is q for q in skip)]
+        skipped = {id(q) for q in skip}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in skipped]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         # the fused kernel (CUDA, and CPU since torch 2.4) made the baby shakespeare_char step ~10% faster on CPU;
@@ -406,6 +407,15 @@ class GPT(nn.Module):
                     bufs[name] = torch.empty_like(wt, memory_format=torch.contiguous_format)
                 m.weight_t = bufs[name].copy_(wt)
 
+    def kv_cache(self, rows, length, device):
+        """An empty KV cache: per layer (k, v), each (rows, n_kv_head, length, head_dim), in the dtype k and v
+        come out in (autocast's, when it is on: call this inside it)."""
+        c, kind = self.config, torch.device(device).type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.lm_head.weight.dtype
+        shape = (rows, c.n_kv_head, length, c.n_embd // c.n_head)
+        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                for _ in range(c.n_layer)]
+
     def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, num_samples, use_cache, pad):
         B0, T0 = idx.shape
         B, bs, dev = B0 * num_samples, self.config.block_size, idx.device
@@ -421,12 +431,7 @@ class GPT(nn.Module):
             with torch.inference_mode():
                 if use_cache and n <= bs and cache is None:
                     # prefill the distinct prompts once, then give each sample its own copy of the cache
-                    c, hd = self.config, self.config.n_embd // self.config.n_head
-                    shape = (B0, c.n_kv_head, min(bs, T0 + max_new_tokens), hd)
-                    autocast = torch.is_autocast_enabled(dev.type)  # then k and v come out in the autocast dtype
-                    dtype = torch.get_autocast_dtype(dev.type) if autocast else self.lm_head.weight.dtype
-                    cache = [(torch.empty(shape, device=dev, dtype=dtype), torch.empty(shape, device=dev, dtype=dtype))
-                             for _ in range(c.n_layer)]
+                    cache = self.kv_cache(B0, min(bs, T0 + max_new_tokens), dev)
                     logits = self._run(idx, cache, pos=0, last_only=True, pad=pad)
                     if num_samples > 1:
                         cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]

@@ -82,12 +82,17 @@ def quantize(model, mode):
     return model.eval().requires_grad_(False)
 
 
+def check_mode(mode):
+    """--quantize's value, checked before any model loads."""
+    if mode and mode not in MODES:
+        die(f"quantize must be int8 or int4 (or '' for float32), got {mode!r}")
+
+
 def for_decoding(model, mode, device):
     """--quantize of sample.py, serve.py and eval.py: '' leaves the model as it is."""
+    check_mode(mode)
     if not mode:
         return model
-    if mode not in MODES:
-        die(f"quantize must be int8 or int4 (or '' for float32), got {mode!r}")
     if device != "cpu":
         die(f"--quantize={mode} runs PyTorch's CPU kernels, and this run is on {device}: add --device=cpu")
     return quantize(model, mode)

@@ -16,7 +16,7 @@ import torch
 
 from common import configure, die, pick_device, precision
 from hf import load_model
-from quant import for_decoding
+from quant import check_mode, for_decoding
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ..., or a Hugging Face model directory
@@ -39,6 +39,7 @@ if num_samples < 1 or max_new_tokens < 1:
     die(f"num_samples ({num_samples}) and max_new_tokens ({max_new_tokens}) must be at least 1")
 if temperature < 0 or (top_k is not None and top_k < 1) or not 0 < top_p <= 1:
     die(f"need temperature >= 0, top_k >= 1 or None, 0 < top_p <= 1 (got {temperature}, {top_k}, {top_p})")
+check_mode(quantize)
 device = pick_device(device)
 model, ckpt, tok = load_model(init_from, out_dir, device)
 model = for_decoding(model.eval(), quantize, device)

@@ -92,12 +92,11 @@ class Engine:
         self.max_queue, self.waiting, self.active = max_queue, queue.Queue(), []
         self.generated = 0  # tokens sampled since the start (GET /health shows it)
         _, self.ctx = precision(dev)
-        c, kind = model.config, torch.device(dev).type
-        with self.ctx:  # under autocast, k and v come out in its dtype
-            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else model.lm_head.weight.dtype
-        shape = (max_batch, c.n_kv_head, c.block_size, c.n_embd // c.n_head)
-        self.cache = [(torch.zeros(shape, device=dev, dtype=dtype), torch.zeros(shape, device=dev, dtype=dtype))
-                      for _ in range(c.n_layer)]
+        with self.ctx:
+            self.cache = model.kv_cache(max_batch, model.config.block_size, dev)
+        for k, v in self.cache:  # a row reads (masked) columns past its own end: they must hold finite numbers
+            k.zero_()
+            v.zero_()
         model.decode_weights(torch.device(dev).type == "cpu")  # the transposed copies batch-1 decoding reads
         threading.Thread(target=self.loop, daemon=True, name=f"engine-{name}").start()
 
@@ -500,11 +499,11 @@ def load_engine(init, directory, dev, quant=""):
 
 def main():
     from common import pick_device
+    from quant import check_mode
     if max_batch < 1 or max_queue < 0 or not 0 < port < 65536 and port != 0:
         die(f"need max_batch >= 1, max_queue >= 0 and a port in 1..65535 (got {max_batch}, {max_queue}, {port})")
     dev = pick_device(device)
-    if quantize and quantize not in ("int8", "int4"):
-        die(f"quantize must be int8 or int4 (or '' for float32), got {quantize!r}")
+    check_mode(quantize)
     engines = {}  # filled once the port is ours: a busy port should not cost the load of a model
     try:
         server = make_server(engines, host, port, api_key, Path(prefs) if prefs else None)
