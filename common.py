@@ -456,6 +456,25 @@ def muon_with_adamw(model, muon_lr_scale, weight_decay, betas, device_type):
     return MuonWithAdamW(muon, model.configure_optimizers(weight_decay, 1.0, betas, device_type, skip=hidden))
 
 
+def check_optimizer(kind, sharded, float16):
+    """train.py's and finetune.py's `optimizer`, checked before the model loads: 'adamw' or 'muon', and muon
+    only where each matrix is whole (one process or DDP) and without float16's GradScaler."""
+    if kind not in ("adamw", "muon"):
+        die(f"optimizer must be 'adamw' or 'muon', got '{kind}'")
+    if kind == "muon" and sharded:
+        die("optimizer='muon' runs in one process or under DDP: its Newton-Schulz step needs each matrix whole, and "
+            "FSDP, tensor and pipeline parallel shard them (use --optimizer=adamw there)")
+    if kind == "muon" and float16:
+        die("optimizer='muon' with float16 (its GradScaler) is not supported: use --dtype=bfloat16 or float32")
+
+
+def make_optimizer(kind, model, learning_rate, muon_lr, weight_decay, betas, device_type):
+    """The optimizer check_optimizer allowed: the model's AdamW, or Muon with AdamW at muon_lr for the matrices."""
+    if kind == "adamw":
+        return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
+    return muon_with_adamw(model, muon_lr / learning_rate, weight_decay, betas, device_type)
+
+
 class StepChecks:
     """What a training loop reads back from the device only every log_interval steps: the last loss and grad
     norm, and the steps skipped for an inf or NaN (their weights are unchanged). A non-finite loss, or a

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler, metrics_log,
-                    muon_with_adamw, optimizer_step, precision, save_checkpoint, setup_ddp)
+from common import (StepChecks, accumulate_gradients, check_optimizer, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
+                    make_optimizer, metrics_log, optimizer_step, precision, save_checkpoint, setup_ddp)
 import chat_data as C
 import parallel
 
@@ -62,8 +62,6 @@ config = configure(globals())
 ckpt_path = C.output_checkpoint(config, "base model")
 if max_iters < 0 or max_examples < 0 or eval_examples < 0 or block_size < 0:
     die("max_iters, max_examples, eval_examples and block_size must not be negative")
-if optimizer not in ("adamw", "muon"):
-    die(f"optimizer must be 'adamw' or 'muon', got '{optimizer}'")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
@@ -72,9 +70,7 @@ mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload)  # Non
 dtype, autocast = precision(device, dtype)
 autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
-if optimizer == "muon" and (mesh is not None or scaler is not None):
-    die("optimizer='muon' runs in one process or under DDP, in float32 or bfloat16 (not FSDP, not float16): "
-        "Newton-Schulz needs each matrix whole; use --optimizer=adamw there")
+check_optimizer(optimizer, mesh is not None, scaler is not None)
 
 # the model: the chat tokens get embedding rows if it has none (a GPT-2 import)
 model, base, tok = C.load_start(init_from, device, grow_vocab=True)
@@ -99,8 +95,7 @@ if master:
 raw_model = model
 model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, False, cpu_offload, dtype)
 # after parallelize: FSDP's sharded parameters are the ones to optimize
-opt = (raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type) if optimizer == "adamw"
-       else muon_with_adamw(raw_model, muon_lr / learning_rate, weight_decay, (beta1, beta2), device_type))
+opt = make_optimizer(optimizer, raw_model, learning_rate, muon_lr, weight_decay, (beta1, beta2), device_type)
 mine = val_set[rank::world_size]
 if mesh is not None:  # FSDP's forwards are collective: equal shares, topped up with an example of no target
     mine += [(val_set[0][0], [0] * len(val_set[0][1]))] * (-(-len(val_set) // world_size) - len(mine))

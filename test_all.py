@@ -1990,6 +1990,8 @@ def test_muon_resume_after_sigkill_is_exact_and_ddp_matches_one_process():
     assert_clear_error(train(full, "--max_iters=20", "--init_from=resume", check=None), "optimizer=muon")
     assert_clear_error(run_here("train.py", [f"--data_root={tiny_data()}", f"--out_dir={_TMP}/m", *TINY, "--optimizer=sgd"]),
                        "'adamw' or 'muon'")
+    assert_clear_error(run_here("train.py", [f"--data_root={tiny_data()}", f"--out_dir={_TMP}/m", *TINY, "--optimizer=muon",
+                                             "--dtype=float16"]), "float16", "--dtype=bfloat16")
 
 
 # ----- model: sample.py -----

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import (StepChecks, accumulate_gradients, configure, die, end_ddp, fmt_time, get_lr, grad_scaler, load_checkpoint,
-                    metrics_log, muon_with_adamw, optimizer_step, precision, restore_rng, rng_states, save_checkpoint,
-                    setup_ddp)
+from common import (StepChecks, accumulate_gradients, check_optimizer, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
+                    load_checkpoint, make_optimizer, metrics_log, optimizer_step, precision, restore_rng, rng_states,
+                    save_checkpoint, setup_ddp)
 import parallel
 import prepare
 
@@ -102,8 +102,6 @@ if compile is not None and not isinstance(compile, bool):
     die(f"compile must be True, False or None (auto), got {compile!r}")
 if lr_schedule not in ("cosine", "wsd"):
     die(f"lr_schedule must be 'cosine' or 'wsd', got '{lr_schedule}'")
-if optimizer not in ("adamw", "muon"):
-    die(f"optimizer must be 'adamw' or 'muon', got '{optimizer}'")
 
 ddp, rank, local_rank, world_size, device = setup_ddp(device, seed)
 master = rank == 0
@@ -111,9 +109,6 @@ device_type = device.split(":")[0]
 mesh = parallel.make_mesh(world_size, dp_shard, device_type, cpu_offload, tp, pp, cfg=SimpleNamespace(
     n_head=n_head, n_kv_head=n_kv_head or n_head, n_layer=n_layer))  # None: not sharded (one process, DDP)
 on_mesh = mesh is not None  # FSDP and/or tensor parallel: a sharded checkpoint
-if optimizer == "muon" and on_mesh:
-    die("optimizer='muon' runs in one process or under DDP: its Newton-Schulz step needs each matrix whole, and "
-        "FSDP, tensor and pipeline parallel shard them (use --optimizer=adamw there)")
 dp_rank, dp_world = parallel.data_rank(mesh, rank, world_size)  # one tensor-parallel group reads the same rows
 tokens_per_micro = batch_size * block_size * dp_world
 if total_batch_size % tokens_per_micro:
@@ -124,8 +119,7 @@ lr_decay_iters = lr_decay_iters or max_iters
 dtype, autocast = precision(device, dtype)
 autocast = parallel.autocast_for(mesh, device, dtype, autocast)
 scaler = grad_scaler(dtype, device)
-if optimizer == "muon" and scaler is not None:
-    die("optimizer='muon' with float16 (its GradScaler) is not supported: use --dtype=bfloat16 or float32")
+check_optimizer(optimizer, on_mesh, scaler is not None)
 if compile is None:
     compile = device_type == "cuda"
 out = Path(out_dir)
@@ -226,8 +220,7 @@ with torch.device("meta"):  # the whole model's FLOPs for the MFU, shapes only: 
     flops_model = M.GPT(raw_model.config) if pp > 1 else raw_model
 model = parallel.parallelize(model, mesh, ddp, device, activation_checkpointing, compile, cpu_offload, dtype)
 # after parallelize: FSDP replaces the parameters with sharded ones, which the optimizer must hold
-opt = (raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type) if optimizer == "adamw"
-       else muon_with_adamw(raw_model, muon_lr / learning_rate, weight_decay, (beta1, beta2), device_type))
+opt = make_optimizer(optimizer, raw_model, learning_rate, muon_lr, weight_decay, (beta1, beta2), device_type)
 pipe = None
 if pp > 1:  # each microbatch's summed loss over this rank's tokens of the step: FSDP averages over the ranks
     tokens_per_rank = batch_size * block_size * grad_accum
