@@ -170,7 +170,8 @@ def save_hf(model, path, tok=None, chat=False):
     too (tokenizer.to_hf: AutoTokenizer gives our ids) and generation_config.json (generate() stops at end of
     text; chat: also at <|end|>, and tokenizer_config.json gets our chat template)."""
     c = model.config
-    odd = [k for k, on in (("qk_norm", c.qk_norm), ("logit_softcap", c.logit_softcap), ("mlp='relu2'", c.mlp == "relu2")) if on]
+    odd = [k for k, on in (("qk_norm", c.qk_norm), ("logit_softcap", c.logit_softcap), ("mlp='relu2'", c.mlp == "relu2"),
+                           ("value_embeds", c.value_embeds), ("unet", c.unet)) if on]
     if odd:
         die(f"save_hf: {', '.join(odd)} cannot be exported: GPT2LMHeadModel and LlamaForCausalLM have no such switch "
             f"(train with it off to export; zero_init is only an initialisation and exports)")

@@ -33,6 +33,8 @@ class GPTConfig:
     qk_norm: bool = False        # each head's q and k to unit RMS before attention (and before RoPE)
     logit_softcap: float = 0.0   # > 0: logits = cap * tanh(logits / cap)
     zero_init: bool = False      # the output projections (attention's and the MLP's c_proj) start at zero
+    value_embeds: bool = False   # each layer's values get a learned vector of the token they stand for
+    unet: bool = False           # U-net skips: layer i's output joins the input of layer n_layer-1-i (learned weights)
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -139,11 +141,14 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope=None, cache=None, pos=0, mask=None):
-        """mask: None (causal) or boolean (B, 1, T, keys), True = attend; generate() passes it for left padding."""
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None, ve=None):
+        """mask: None (causal) or boolean (B, 1, T, keys), True = attend; generate() passes it for left padding.
+        ve: None or the value embeddings of the tokens (B, T, n_kv_head * head_dim), added to v."""
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)
+        if ve is not None:
+            qkv = torch.cat((qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:] + ve.view(B, T, nkv, hd)), dim=2)
         if rope is not None or self.qk_norm:  # q and k are adjacent in qkv: normalise and rotate both at once
             qk, v = qkv.split([nh + nkv, nkv], dim=2)
             qk = F.rms_norm(qk, (hd,)) if self.qk_norm else qk
@@ -210,8 +215,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, pos=0, mask=None):
-        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None, ve=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -231,6 +236,11 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
+        if config.value_embeds:  # modded-nanogpt's value embeddings (one table per layer here)
+            self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_kv_head * config.n_embd // config.n_head)
+                                              for _ in range(config.n_layer))
+        if config.unet:
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -301,6 +311,11 @@ class GPT(nn.Module):
             self._init_weights(head)
             head.weight[:keep] = old_head[:keep]
         self.transformer.wte, self.lm_head = wte, head
+        for i, old_ve in enumerate(self.value_embeds if self.config.value_embeds else []):
+            ve = nn.Embedding(new_vocab_size, old_ve.weight.size(1), device=old_wte.device, dtype=old_wte.dtype)
+            self._init_weights(ve)
+            ve.weight[:keep] = old_ve.weight[:keep]
+            self.value_embeds[i] = ve
         self.config.vocab_size = new_vocab_size
 
     def crop_block_size(self, block_size):
@@ -346,8 +361,14 @@ class GPT(nn.Module):
             rope = (self.rope_cos[where], self.rope_sin[where])
         if self.config.dropout and self.training and first:
             x = F.dropout(x, self.config.dropout, True)
+        skips, half = [], self.config.n_layer // 2 if self.config.unet else 0
         for i, block in enumerate(self.transformer.h.children()):
-            x = block(x, rope, cache[i] if cache is not None else None, pos, mask)
+            if i >= self.config.n_layer - half:  # U-net: the mirror layer of the first half's output
+                x = x + self.skip_weights[i - (self.config.n_layer - half)] * skips.pop()
+            ve = self.value_embeds[i](idx) if self.config.value_embeds else None
+            x = block(x, rope, cache[i] if cache is not None else None, pos, mask, ve)
+            if i < half:
+                skips.append(x)
         if self.lm_head is None:  # not the last pipeline stage
             return x
         if last_only:  # generation only needs the next-token logits: skip the rest of the lm_head

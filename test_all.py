@@ -1868,10 +1868,11 @@ def test_model_mfu_names_and_trained_context():
 
 
 def test_switches_change_the_forward_and_keep_decoding_exact():
-    """qk_norm, mlp='relu2', logit_softcap and zero_init each change the logits of the same seed's model (on
-    the Llama and the GPT-2 layouts, with and without RoPE); softcapped logits stay inside the cap; zero_init
-    starts every c_proj at 0, so each block is the identity; KV-cache decoding equals recomputing the context
-    with all of them on."""
+    """qk_norm, mlp='relu2', logit_softcap, zero_init, value_embeds and unet each change the logits of the same
+    seed's model (on the Llama and the GPT-2 layouts, with and without RoPE); softcapped logits stay inside the
+    cap; zero_init starts every c_proj at 0, so each block is the identity; KV-cache decoding equals recomputing
+    the context with all of them on, and a left-padded row of a ragged batch decodes as it does alone;
+    resize_vocab keeps the value embeddings' rows."""
     x = torch.randint(0, 64, (2, 12))
     for style in (dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False), dict(norm="layernorm", pos="learned", mlp="gelu")):
         base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, **style)
@@ -1883,9 +1884,16 @@ def test_switches_change_the_forward_and_keep_decoding_exact():
                 return m, m(x)[0]
         _, plain = logits()
         cap = plain.abs().max().item() / 2  # (random logits are small: a cap below them bites)
-        for switch in (dict(qk_norm=True), dict(mlp="relu2"), dict(logit_softcap=cap), dict(zero_init=True)):
+        for switch in (dict(qk_norm=True), dict(mlp="relu2"), dict(logit_softcap=cap), dict(zero_init=True),
+                       dict(value_embeds=True), dict(unet=True)):
             m, out = logits(**switch)
             assert (out - plain).abs().max() > 1e-4, (style, switch)
+        for switch, table in ((dict(value_embeds=True), "value_embeds"), (dict(unet=True), "skip_weights")):
+            m, out = logits(**switch)  # the new weights are read (not only a different init order)
+            with torch.no_grad():
+                for p in getattr(m, table).parameters() if table == "value_embeds" else [m.skip_weights]:
+                    p.mul_(3.0)
+                assert (m(x)[0] - out).abs().max() > 1e-4, switch
         _, capped = logits(logit_softcap=cap)
         assert capped.abs().max() < cap
         m, _ = logits(zero_init=True)
@@ -1896,29 +1904,40 @@ def test_switches_change_the_forward_and_keep_decoding_exact():
             rope = (m.rope_cos[:12], m.rope_sin[:12]) if style["pos"] == "rope" else None
             assert torch.equal(blk(h, rope), h)  # each block adds 0 at the start
         torch.manual_seed(1)
-        m = M.GPT(M.GPTConfig(**{**base, "qk_norm": True, "mlp": "relu2", "logit_softcap": 3.0})).eval()
+        m = M.GPT(M.GPTConfig(**{**base, "n_layer": 3, "qk_norm": True, "mlp": "relu2", "logit_softcap": 3.0,
+                                 "value_embeds": True, "unet": True})).eval()
         cached = torch.stack(list(m.generate(x, 10, temperature=0)), 1)
         recomputed = torch.stack(list(m.generate(x, 10, temperature=0, use_cache=False)), 1)
         assert torch.equal(cached, recomputed)
+        ragged = torch.stack(list(m.generate([x[0, 5:].tolist(), x[1].tolist()], 10, temperature=0)), 1)
+        alone = torch.stack(list(m.generate(x[:1, 5:], 10, temperature=0)), 1)
+        assert torch.equal(ragged[:1], alone) and torch.equal(ragged[1:], cached[1:])
+        before = [ve.weight.detach().clone() for ve in m.value_embeds]
+        m.resize_vocab(80)
+        assert all(ve.weight.shape == (80, b.size(1)) and torch.equal(ve.weight[:64], b) for ve, b in zip(m.value_embeds, before))
 
 
 def test_switches_train_and_hf_refuses_what_it_cannot_export():
-    """train.py with all four switches on learns (the loss falls); hf.py refuses to export qk_norm,
-    logit_softcap or relu2 with one clear line, and exports zero_init (only an initialisation) as it is."""
+    """train.py with all six switches on learns (the loss falls); hf.py refuses to export qk_norm,
+    logit_softcap, relu2, value_embeds or unet with one clear line, and exports zero_init (only an
+    initialisation) as it is; value_embeds and unet under tensor or pipeline parallel are one clear line."""
     out = Path(_TMP) / "out-switches"
     train(out, "--max_iters=30", "--eval_interval=30", "--qk_norm=True", "--mlp=relu2", "--logit_softcap=15",
-          "--zero_init=True")
+          "--zero_init=True", "--value_embeds=True", "--unet=True")
     recs = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert recs[-1] < recs[0] - 0.5, recs
     m, _, _ = H.load_model("resume", out, "cpu")
     assert (m.config.qk_norm, m.config.mlp, m.config.logit_softcap) == (True, "relu2", 15.0)
     with tempfile.TemporaryDirectory() as tmp:
         err = expect_die(H.save_hf, m, tmp)
-        assert "qk_norm, logit_softcap, mlp='relu2' cannot be exported" in err and len(err.strip().splitlines()) == 1, err
+        assert "qk_norm, logit_softcap, mlp='relu2', value_embeds, unet cannot be exported" in err, err
+        assert len(err.strip().splitlines()) == 1, err
         torch.manual_seed(0)
         z = M.GPT(M.GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16, zero_init=True))
         H.save_hf(z, tmp)
         assert (Path(tmp) / "config.json").exists()
+    for flags in (("--value_embeds=True", "--tp=2"), ("--unet=True", "--pp=2")):
+        assert_clear_error(train(Path(_TMP) / "out-switches-tp", *flags, check=2), "value_embeds and unet run in one process")
 
 
 def test_muon_update_is_newton_schulz_orthogonalisation():

@@ -60,9 +60,11 @@ pos = "rope"
 rope_theta = 10000.0
 mlp = "swiglu"
 tie_embeddings = True
-qk_norm = False            # modded-nanogpt's switches (model.py); hf.py cannot export the first three
+qk_norm = False            # modded-nanogpt's switches (model.py); of these hf.py exports only zero_init
 logit_softcap = 0.0        # > 0: logits = cap * tanh(logits / cap), e.g. 15 or 30
 zero_init = False          # output projections start at zero
+value_embeds = False       # a learned vector per token added to each layer's values (not under tp/pp)
+unet = False               # U-net skips from the first half's layers to the second half's (not under tp/pp)
 pad_vocab = 64             # round the embedding table up to a multiple of this (faster matmuls on GPU)
 # optimizer and schedule
 optimizer = "adamw"        # 'adamw' | 'muon': Muon on the blocks' matrices, AdamW on the rest (one process or DDP)
@@ -71,6 +73,8 @@ muon_momentum = 0.95
 muon_momentum_warmup = 300 # steps over which Muon's momentum rises from 0.85
 learning_rate = 3e-3
 max_iters = 250
+max_time = 0.0             # > 0: stop after this many seconds of training (evaluation excluded), the schedule running
+                           # on the share of the time spent as if max_iters steps filled it (timed comparisons)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -98,6 +102,10 @@ for k in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_si
           "n_layer", "n_head", "n_embd", "max_iters"):
     if config[k] <= 0 and not (k == "max_iters" and config[k] == 0):
         die(f"{k} must be positive, got {config[k]}")
+if (value_embeds or unet) and (tp > 1 or pp > 1):  # a later pipeline stage has no token ids; TP would shard them
+    die("value_embeds and unet run in one process, DDP or FSDP: turn them off for tensor or pipeline parallel")
+if max_time < 0:
+    die(f"max_time must be >= 0 seconds (0: run max_iters steps), got {max_time}")
 if compile is not None and not isinstance(compile, bool):
     die(f"compile must be True, False or None (auto), got {compile!r}")
 if lr_schedule not in ("cosine", "wsd"):
@@ -197,7 +205,8 @@ elif init_from == "scratch":
     model = M.GPT(M.GPTConfig(vocab_size=padded, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias, norm=norm,
                               pos=pos, rope_theta=rope_theta, mlp=mlp, tie_embeddings=tie_embeddings,
-                              qk_norm=qk_norm, logit_softcap=logit_softcap, zero_init=zero_init))
+                              qk_norm=qk_norm, logit_softcap=logit_softcap, zero_init=zero_init,
+                              value_embeds=value_embeds, unet=unet))
 else:
     from hf import load_model
     model, _, tok = load_model(init_from, out_dir, "cpu")
@@ -319,6 +328,7 @@ def log(record):
 
 start_step, t_start = step, time.time()
 t_last, timed_steps, train_time, steps_done = None, 0, 0.0, 0  # the first step (compile, warm-up) is not timed
+eval_time = 0.0  # seconds spent evaluating: the eval records' "time" is training time (for time-to-loss)
 rows_per_step = batch_size * grad_accum * dp_world
 checks = StepChecks(fp16=scaler is not None)  # loss, grad norm and inf/NaN steps, read from the device when logging
 
@@ -329,7 +339,8 @@ def what_is_saved():
 
 
 while True:
-    if step % eval_interval == 0 or step == max_iters:
+    out_of_time = max_time > 0 and time.time() - t_start - eval_time >= max_time
+    if step % eval_interval == 0 or step == max_iters or out_of_time:
         t_eval = time.time()
         checks.check(what_is_saved())  # never save weights after an inf or NaN
         ev = evaluate()
@@ -338,15 +349,18 @@ while True:
         if master:
             bpb = f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
             print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{bpb}")
-            log({"step": step, "train_loss": ev["train"], "val_loss": ev["val"], "val_bpb": ev.get("val_bpb")})
+            log({"step": step, "train_loss": ev["train"], "val_loss": ev["val"], "val_bpb": ev.get("val_bpb"),
+                 "time": round(t_eval - t_start - eval_time, 3)})
         if step > start_step and (improved or always_save_checkpoint) and not eval_only:
             save()
+        eval_time += time.time() - t_eval
         if t_last is not None:
             t_last += time.time() - t_eval  # evaluation time is not training time
-    if step == max_iters or eval_only:
+    if step == max_iters or eval_only or out_of_time:
         break
 
-    lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
+    at = step if max_time <= 0 else (time.time() - t_start - eval_time) / max_time * max_iters
+    lr = get_lr(at, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     rows = [(m * dp_world + dp_rank) * batch_size for m in range(grad_accum)]
     if pipe is None:
@@ -360,7 +374,7 @@ while True:
         loss /= dp_world * tp
     if optimizer == "muon":  # its momentum warms up from 0.85 to muon_momentum (modded-nanogpt)
         for g in opt.muon.param_groups:
-            g["momentum"] = 0.85 + (muon_momentum - 0.85) * min(1.0, step / max(1, muon_momentum_warmup))
+            g["momentum"] = 0.85 + (muon_momentum - 0.85) * min(1.0, at / max(1, muon_momentum_warmup))
     grad_norm, bad = optimizer_step(opt, model.parameters(), lr, grad_clip, scaler,
                                     mesh["pp"].get_group() if pp > 1 else None)
     checks.record(step, loss, grad_norm, bad)
@@ -379,7 +393,7 @@ while True:
             train_time, steps_done = train_time + dt, steps_done + timed_steps
             tok_s = total_batch_size * timed_steps / dt
             mfu = flops_model.estimate_mfu(tok_s / world_size, device, block_size)
-            eta = train_time / steps_done * (max_iters - step)
+            eta = train_time / steps_done * (max_iters - step) if max_time <= 0 else max_time - (now - t_start - eval_time)
             extra = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
             extra += f" | peak mem {mem:.1f} GiB" if mem is not None else ""
