@@ -183,6 +183,22 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(y, dropout, True) if dropout else y
 
 
+class ReLUSquared(torch.autograd.Function):
+    """relu(h)^2 with a one-op backward, grad * 2 relu(h): autograd's relu-then-square ran 4 elementwise passes
+    backward and made the ReLU^2 MLP's activation ~1.6x slower (fwd+bwd, 2-core CPU)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        r = F.relu(h)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, = ctx.saved_tensors
+        return grad * r * 2
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -199,7 +215,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == 'relu2':
-            h = F.relu(h).square()
+            h = ReLUSquared.apply(h)
         else:  # exact GELU is ~3x faster than the tanh form on CPU
             h = F.gelu(h, approximate='tanh' if self.kind == 'gelu_tanh' else 'none')
         y = self.c_proj(h)

@@ -449,7 +449,10 @@ def main():
     keys = train_keys()
     run_cfg = dict(n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, n_embd=c.n_embd,
                    mlp_hidden=c.mlp_hidden, norm=c.norm, pos=c.pos, mlp=c.mlp, bias=c.bias,
-                   tie_embeddings=c.tie_embeddings, rope_theta=c.rope_theta, block_size=seq, batch_size=batch_size,
+                   tie_embeddings=c.tie_embeddings, rope_theta=c.rope_theta, qk_norm=c.qk_norm,
+                   logit_softcap=c.logit_softcap, zero_init=c.zero_init, value_embeds=c.value_embeds, unet=c.unet,
+                   optimizer="adamw",  # train.py's default Muon needs whole matrices: FSDP, TP and PP shard them
+                   block_size=seq, batch_size=batch_size,
                    total_batch_size=tbs, max_iters=math.ceil(tokens / tbs), dtype=dtype, dp_shard=shard, tp=t, pp=p,
                    activation_checkpointing=ac)
     default_hidden = M.GPTConfig(**{**vars(cfg), "mlp_hidden": None}).mlp_hidden

@@ -173,7 +173,10 @@ def tiny_data():
 
 TINY = ["--dataset=local", f"--input={SHARED / 'tinyshakespeare.txt'}", "--tokenizer=byte", "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64",
         "--block_size=32", "--batch_size=4", "--total_batch_size=256", "--eval_iters=2", "--log_interval=1",
-        "--sample_at_end=False", "--device=cpu", "--warmup_iters=2", "--learning_rate=3e-3"]
+        "--sample_at_end=False", "--device=cpu", "--warmup_iters=2", "--learning_rate=3e-3",
+        # the plain Llama style with AdamW, not the default run's recipe: what FSDP, TP, PP and hf.py all take
+        "--optimizer=adamw", "--mlp=swiglu", "--qk_norm=False", "--zero_init=False", "--tie_embeddings=True",
+        "--lr_schedule=cosine", "--dropout=0.0"]
 
 
 def train(out, *extra, check=0, timeout=240):
@@ -614,6 +617,37 @@ def test_train_warns_when_the_steps_outrun_the_data():
     p = train(Path(_TMP) / "out-warn", "--max_iters=5000", "--eval_only=True")
     assert "warning: 5000 steps x 256 tokens = 1.3M tokens, but the train split has 1.0M: it will be repeated 1.3 times" \
         in p.stdout, p.stdout
+
+
+def test_train_max_time_stops_on_time_with_the_schedule_spread_over_it():
+    """--max_time=3: the run stops after 3 s of training (not its 100,000 steps), evaluates there (the record's
+    time is training time, evaluation left out), and the learning rate has warmed up and decayed to min_lr
+    over those 3 s; a negative max_time is one clear line."""
+    out = Path(_TMP) / "out-max-time"
+    train(out, "--max_iters=100000", "--warmup_iters=1000", "--eval_interval=100000", "--max_time=3")
+    recs = read_metrics(out)
+    evals, logs = [r for r in recs if "val_loss" in r], [r for r in recs if "lr" in r]
+    assert [r["step"] for r in evals][0] == 0 and 10 < evals[-1]["step"] < 100000, evals
+    assert 3 <= evals[-1]["time"] < 30, evals[-1]
+    lrs = [r["lr"] for r in logs]
+    assert lrs[0] < 1e-4 < 2e-3 < max(lrs) and lrs[-1] < 3e-4 + 2e-4, lrs  # min_lr 3e-4, peak 3e-3
+    assert_clear_error(train(Path(_TMP) / "out-max-time-bad", "--max_time=-1", check=2), "max_time must be >= 0")
+
+
+def test_config_pydocs_is_train_py_defaults():
+    """config/pydocs.py says every value in it is train.py's default: each one equals the literal train.py assigns."""
+    import ast
+    defaults = {}
+    for node in ast.parse((ROOT / "train.py").read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    g = {}
+    exec((ROOT / "config" / "pydocs.py").read_text(), {}, g)
+    assert len(g) > 20 and all(defaults[k] == v for k, v in g.items()), {k: (v, defaults.get(k)) for k, v in g.items()
+                                                                       if defaults.get(k) != v}
 
 
 def test_configs_token_budgets_and_sizes_add_up():
@@ -1873,6 +1907,10 @@ def test_switches_change_the_forward_and_keep_decoding_exact():
     cap; zero_init starts every c_proj at 0, so each block is the identity; KV-cache decoding equals recomputing
     the context with all of them on, and a left-padded row of a ragged batch decodes as it does alone;
     resize_vocab keeps the value embeddings' rows."""
+    h = torch.randn(4, 7, 33, dtype=torch.float64, requires_grad=True)  # ReLU^2's hand-written backward
+    g = torch.randn(4, 7, 33, dtype=torch.float64)
+    ours = torch.autograd.grad(M.ReLUSquared.apply(h), h, g)[0]
+    assert torch.allclose(ours, torch.autograd.grad(F.relu(h).square(), h, g)[0], rtol=0, atol=1e-12)
     x = torch.randint(0, 64, (2, 12))
     for style in (dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False), dict(norm="layernorm", pos="learned", mlp="gelu")):
         base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, **style)

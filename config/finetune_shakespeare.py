@@ -14,6 +14,8 @@ max_iters = 20
 learning_rate = 3e-5             # constant, as nanoGPT (decay_lr = False)
 min_lr = 3e-5
 warmup_iters = 0
+optimizer = "adamw"         # the recipe these figures were tuned with
+lr_schedule = "cosine"
 eval_interval = 5
 eval_iters = 40
 always_save_checkpoint = False   # only when val loss improves

@@ -13,12 +13,16 @@ always_save_checkpoint = False  # it overfits: keep the best val checkpoint
 norm = "layernorm"
 pos = "learned"
 mlp = "gelu"
+tie_embeddings = True
+qk_norm, logit_softcap, zero_init, value_embeds, unet = False, 0.0, False, False, False  # exactly GPT-2 / Llama
 bias = False
 n_kv_head = None
 learning_rate = 1e-3
 min_lr = 1e-4
 beta2 = 0.99  # a small batch: average the second moment over more steps
 warmup_iters = 100
+optimizer = "adamw"         # the recipe these figures were tuned with
+lr_schedule = "cosine"
 if torch.cuda.is_available():
     n_layer, n_head, n_embd, dropout = 6, 6, 384, 0.2
     block_size, batch_size = 256, 64
