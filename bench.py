@@ -3,10 +3,12 @@ Speed, measured: every figure here is timed in this run, next to its baseline ti
 (recompute vs KV cache, transformers vs ours, HF tokenizers vs our BPE trainer, ...), with the target as a
 ratio. Not a test: nothing here asserts wall time.
 
-    python bench.py                  # everything (about 15 minutes on a 2-core CPU)
+    python bench.py                  # everything (about an hour on a 2-core CPU)
     python bench.py decode train     # only the benchmarks whose name contains one of these words
     python bench.py parallel         # 2 CPU ranks: FSDP, tensor and pipeline parallel step time vs DDP
     python bench.py dedup            # clean.py's MinHash, LSH and classifier vs datasketch, datatrove, fastText
+    python bench.py speedrun         # time to nanoGPT's 1.886 on shakespeare_char, nanoGPT's loop timed beside it
+    python bench.py ablation recipe  # issue 17: each change alone at a fixed 25 s; the default run vs the old one
     python bench.py gpu              # the GPU smoke run (GPT-2 124M bf16 compiled, kill + resume, sample, eval,
                                      # SFT, DPO) with tokens/s, MFU, peak memory and flash attention; skips on CPU
 """
