@@ -880,7 +880,8 @@ def throughput(common_args, gpt2, llama, device, steps=40):
     """tokens/s, MFU and peak memory of GPT-2 124M in one process (the path DDP takes on each GPU), the same
     under FSDP2 on one rank (torchrun, dp_shard=-1: FSDP's own overhead), and the Llama config; the median
     of the log lines after the first (compile) step. bench.py gpu runs it on CUDA, test_all on the CPU."""
-    rows = [("GPT-2 124M, one process (DDP's path)", gpt2, 0), ("GPT-2 124M, FSDP2 on 1 rank", gpt2 + ["--dp_shard=-1"], 1),
+    rows = [("GPT-2 124M, one process (DDP's path)", gpt2, 0),
+            ("GPT-2 124M, FSDP2 on 1 rank", gpt2 + ["--dp_shard=-1", "--optimizer=adamw"], 1),  # FSDP takes AdamW
             ("Llama, config/llama_1gpu.py's shape", llama, 0)]
     print(f"{'model, layout':<40}{'tok/s':>10}{'MFU':>8}{'peak GiB':>10}")
     out = {}
@@ -896,7 +897,8 @@ def throughput(common_args, gpt2, llama, device, steps=40):
 
 
 GPT2_124M = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--n_kv_head=None", "--block_size=1024", "--norm=layernorm",
-             "--pos=learned", "--mlp=gelu", "--bias=True"]
+             "--pos=learned", "--mlp=gelu", "--bias=True", "--tie_embeddings=True", "--qk_norm=False", "--zero_init=False",
+             "--optimizer=adamw"]  # exactly GPT-2, with nanoGPT's optimizer
 
 
 def smoke(tmp, data, chat_data, train_args, steps=30, run_script=None):
