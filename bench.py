@@ -387,11 +387,9 @@ def _train(*args, ranks=0, device="cpu", logs=None):
     return wall, rates[len(rates) // 2], evals
 
 
-def _first_below(evals, target):
-    for r in evals:
-        if r["val_loss"] <= target:
-            return r["step"]
-    return None
+def _time_to(evals, target, key="val_loss"):
+    """Training seconds (train.py's eval records: evaluation left out) at the first evaluation <= target, or None."""
+    return next((r["time"] for r in evals if r[key] <= target), None)
 
 
 def _same_run_steps(data_path, blocks=8, steps=25, compiled=True):
@@ -546,7 +544,7 @@ def bench_ablation():
             wall, tok_s, evals = _train("config/shakespeare_char_fast.py", *ABLATION_BASE, *change, f"--seed={seed}",
                                         f"--max_time={ABLATION_SECONDS}", "--eval_interval=20", "--eval_iters=10")
             vals.append(evals[-1]["val_loss"])
-            times.append(next((r["time"] for r in evals if r["val_loss"] <= ABLATION_TARGET), None))
+            times.append(_time_to(evals, ABLATION_TARGET))
             rates.append(tok_s)
         t = "/".join("-" if x is None else f"{x:.1f}" for x in times)
         print(f"{label:<42}{sum(vals) / 2:>9.3f} ({vals[0]:.3f}/{vals[1]:.3f}){t:>16}{sum(rates) / 2:>8.0f}", flush=True)
@@ -561,14 +559,15 @@ def bench_recipe():
     for seed in (1337, 1338):
         # the old run's steps all cost the same: 30 of them (after its first) give its training time
         _, old_tok_s, _ = _train("config/pydocs_adamw.py", f"--seed={seed}", "--max_iters=31", "--eval_interval=1000")
-        old_s = 250 * 8192 / old_tok_s
+        old_step_s = 8192 / old_tok_s
+        old_s = 250 * old_step_s
         # the new run is evaluated every 10 steps to see when it passes 2.27 (evaluation is not counted as time)
         wall, tok_s, evals = _train(f"--seed={seed}", "--eval_interval=10")
-        hit = next((r["time"] for r in evals if r["val_bpb"] <= 2.27), None)
+        hit = _time_to(evals, 2.27, "val_bpb")
         train_s, bpb = evals[-1]["time"], evals[-1]["val_bpb"]
         verdict = (f"  {hit / old_s:.2f}x (target <= 0.6x: {'met' if hit <= 0.6 * old_s else 'NOT met'}); final "
                    f"<= 2.10: {'met' if bpb <= 2.10 else 'NOT met'}" if hit else "  2.27 not reached: NOT met")
-        print(f"{seed:>6}{250 * 8192 / old_tok_s / 250:>11.2f}{old_s:>16.0f}{train_s:>12.1f}{wall:>11.1f}{bpb:>9.3f}"
+        print(f"{seed:>6}{old_step_s:>11.2f}{old_s:>16.0f}{train_s:>12.1f}{wall:>11.1f}{bpb:>9.3f}"
               f"{f'{hit:.1f}' if hit else '-':>11}{verdict}", flush=True)
 
 

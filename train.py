@@ -341,7 +341,12 @@ def what_is_saved():
 
 
 while True:
-    out_of_time = max_time > 0 and time.time() - t_start - eval_time >= max_time
+    trained = time.time() - t_start - eval_time  # seconds of training so far
+    if ddp and max_time > 0:  # every rank stops, and schedules, on rank 0's clock (their own would disagree)
+        trained = torch.tensor([trained], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(trained, 0)
+        trained = trained.item()
+    out_of_time = max_time > 0 and trained >= max_time
     if step % eval_interval == 0 or step == max_iters or out_of_time:
         t_eval = time.time()
         checks.check(what_is_saved())  # never save weights after an inf or NaN
@@ -352,7 +357,7 @@ while True:
             bpb = f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
             print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{bpb}")
             log({"step": step, "train_loss": ev["train"], "val_loss": ev["val"], "val_bpb": ev.get("val_bpb"),
-                 "time": round(t_eval - t_start - eval_time, 3)})
+                 "time": round(trained, 3)})
         if step > start_step and (improved or always_save_checkpoint) and not eval_only:
             save()
         eval_time += time.time() - t_eval
@@ -361,7 +366,7 @@ while True:
     if step == max_iters or eval_only or out_of_time:
         break
 
-    at = step if max_time <= 0 else (time.time() - t_start - eval_time) / max_time * max_iters
+    at = step if max_time <= 0 else trained / max_time * max_iters  # evaluation is not training time
     lr = get_lr(at, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, cooldown_frac)
     ix = sample_windows("train", train_gen, rows_per_step)  # the whole global batch; this rank takes its rows
     rows = [(m * dp_world + dp_rank) * batch_size for m in range(grad_accum)]
