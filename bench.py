@@ -177,10 +177,12 @@ def bench_decode():
     _batched_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 100)
 
 
-def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=8, new=64):
+def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=32, new=64):
     """Held-out perplexity of the default model (python train.py's out/) in float32, int8 and int4 on the
-    first n_tokens of its val split, and the share of greedy tokens int8/int4 pick as float32 does (64 new
-    tokens after each of `prompts` val snippets)."""
+    first n_tokens of its val split, and how often int8/int4 pick float32's greedy token over `new` tokens
+    after each of `prompts` val snippets: free-running (each decodes alone, so one different pick parts the two
+    texts from there on) and step by step (each step given float32's text so far: speculative decoding's
+    acceptance, llama.cpp's "same top p")."""
     if not (out_dir / "ckpt.pt").exists():
         print(f"quantized quality: no {out_dir}/ckpt.pt (run python train.py first): skipped")
         return
@@ -192,7 +194,7 @@ def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=8, new=64):
     val = np.concatenate([prepare.read_bin(data_dir / s) for s in prepare.load_meta(data_dir)["val"]["shards"]])
     bs = model.config.block_size
     ids = torch.from_numpy(val[:n_tokens + 1].astype(np.int64))
-    snippets = [ids[i:i + 32][None] for i in range(0, prompts * 997, 997)]
+    snippets = [ids[i:i + 32][None] for i in range(0, prompts * 601, 601)]
 
     def nll(m):
         """(mean loss, the argmax at every position) over the val windows."""
@@ -201,15 +203,22 @@ def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=8, new=64):
         return sum(o[1].item() for o in outs) / len(outs), torch.cat([o[0].argmax(-1).flatten() for o in outs])
     greedy = lambda m: [torch.stack(list(m.generate(x, new, temperature=0)), 1) for x in snippets]
     (base_nll, base_top), base_tokens = nll(model), greedy(model)
-    print(f"quantized quality on {out_dir.name}/ ({model.num_params() / 1e6:.2f}M, {n_tokens} val tokens; targets: "
-          f"perplexity within 2% (int8) and 10% (int4), int8 greedy agreement >= 90%):")
+
+    def stepwise(m):
+        """The share of float32's greedy tokens m picks too, given float32's text before each."""
+        with torch.no_grad():
+            picks = [m(torch.cat([x, g], 1))[0][:, -new - 1:-1].argmax(-1) for x, g in zip(snippets, base_tokens)]
+        return sum((p == g).float().mean().item() for p, g in zip(picks, base_tokens)) / len(snippets)
+    print(f"quantized quality on {out_dir.name}/ ({model.num_params() / 1e6:.2f}M, {n_tokens} val tokens, "
+          f"{prompts} prompts x {new} greedy tokens; targets: perplexity within 2% (int8) and 10% (int4), int8 "
+          f"greedy agreement >= 90%):")
     for mode in Q.MODES:
         qm = Q.quantize(copy.deepcopy(model), mode)
         loss, top = nll(qm)
         agree = sum((a == b).float().mean().item() for a, b in zip(base_tokens, greedy(qm))) / len(snippets)
         print(f"  {mode}: perplexity {math.exp(loss):.3f} vs float32 {math.exp(base_nll):.3f} "
-              f"({math.exp(loss - base_nll):.4f}x); greedy agreement over {new} free-running tokens {agree:.3f}, "
-              f"top-1 agreement on the val text (float32's context) {(top == base_top).float().mean().item():.3f}")
+              f"({math.exp(loss - base_nll):.4f}x); greedy agreement step by step {stepwise(qm):.3f}, free-running "
+              f"{agree:.3f}; top-1 agreement on the val text {(top == base_top).float().mean().item():.3f}")
 
 
 def _serving_row(config, new_tokens, streams=8):
