@@ -452,6 +452,7 @@ def main():
                    tie_embeddings=c.tie_embeddings, rope_theta=c.rope_theta, qk_norm=c.qk_norm,
                    logit_softcap=c.logit_softcap, zero_init=c.zero_init, value_embeds=c.value_embeds, unet=c.unet,
                    optimizer="adamw",  # train.py's default Muon needs whole matrices: FSDP, TP and PP shard them
+                   weight_decay=0.1,  # GPT-2's and Llama's (train.py's default suits its small data-bound run)
                    block_size=seq, batch_size=batch_size,
                    total_batch_size=tbs, max_iters=math.ceil(tokens / tbs), dtype=dtype, dp_shard=shard, tp=t, pp=p,
                    activation_checkpointing=ac)

@@ -176,7 +176,7 @@ TINY = ["--dataset=local", f"--input={SHARED / 'tinyshakespeare.txt'}", "--token
         "--sample_at_end=False", "--device=cpu", "--warmup_iters=2", "--learning_rate=3e-3",
         # the plain Llama style with AdamW, not the default run's recipe: what FSDP, TP, PP and hf.py all take
         "--optimizer=adamw", "--mlp=swiglu", "--qk_norm=False", "--zero_init=False", "--tie_embeddings=True",
-        "--lr_schedule=cosine", "--dropout=0.0"]
+        "--lr_schedule=cosine", "--dropout=0.0", "--weight_decay=0.1"]
 
 
 def train(out, *extra, check=0, timeout=240):

@@ -77,7 +77,7 @@ learning_rate = 3e-3
 max_iters = 250
 max_time = 0.0             # > 0: stop after this many seconds of training (evaluation excluded), the schedule running
                            # on the share of the time spent as if max_iters steps filled it (timed comparisons)
-weight_decay = 0.1
+weight_decay = 1.0         # the default run is data-bound (4 epochs): 0.1 -> 1.0 took val bpb 2.193 -> 2.158 (seed 1337)
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # 0 disables

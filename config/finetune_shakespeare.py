@@ -15,6 +15,7 @@ learning_rate = 3e-5             # constant, as nanoGPT (decay_lr = False)
 min_lr = 3e-5
 warmup_iters = 0
 optimizer = "adamw"         # the recipe these figures were tuned with
+weight_decay = 0.1          # (train.py's default run takes more)
 lr_schedule = "cosine"
 eval_interval = 5
 eval_iters = 40

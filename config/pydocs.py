@@ -21,6 +21,7 @@ optimizer = "muon"
 muon_lr = 0.02
 lr_schedule = "cosine"
 learning_rate = 3e-3
+weight_decay = 1.0
 min_lr = 3e-4
 max_iters = 250
 warmup_iters = 50

@@ -18,6 +18,7 @@ bias = False
 tie_embeddings = True
 qk_norm, logit_softcap, zero_init, dropout = False, 0.0, False, 0.0
 optimizer = "adamw"
+weight_decay = 0.1          # (train.py's default run takes more)
 lr_schedule = "cosine"
 lr_decay_iters = 0
 learning_rate = 3e-3

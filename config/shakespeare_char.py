@@ -22,6 +22,7 @@ min_lr = 1e-4
 beta2 = 0.99  # a small batch: average the second moment over more steps
 warmup_iters = 100
 optimizer = "adamw"         # the recipe these figures were tuned with
+weight_decay = 0.1          # (train.py's default run takes more)
 lr_schedule = "cosine"
 if torch.cuda.is_available():
     n_layer, n_head, n_embd, dropout = 6, 6, 384, 0.2

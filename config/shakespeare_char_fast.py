@@ -13,6 +13,7 @@ dropout = 0.0
 block_size, batch_size = 64, 32
 total_batch_size = 2048
 optimizer = "muon"
+weight_decay = 0.1          # (train.py's default run takes more)
 muon_lr = 0.015
 learning_rate = 1e-2       # AdamW: embeddings, head, norms (3e-3: 0.03 worse at 140 steps, 2 seeds)
 min_lr = 3e-4
