@@ -203,22 +203,21 @@ def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=32, new=64):
         return sum(o[1].item() for o in outs) / len(outs), torch.cat([o[0].argmax(-1).flatten() for o in outs])
     greedy = lambda m: [torch.stack(list(m.generate(x, new, temperature=0)), 1) for x in snippets]
     (base_nll, base_top), base_tokens = nll(model), greedy(model)
+    agreement = lambda picks: sum((p == g).float().mean().item() for p, g in zip(picks, base_tokens)) / len(snippets)
 
     def stepwise(m):
-        """The share of float32's greedy tokens m picks too, given float32's text before each."""
+        """m's picks given float32's greedy text before each of float32's tokens."""
         with torch.no_grad():
-            picks = [m(torch.cat([x, g], 1))[0][:, -new - 1:-1].argmax(-1) for x, g in zip(snippets, base_tokens)]
-        return sum((p == g).float().mean().item() for p, g in zip(picks, base_tokens)) / len(snippets)
+            return [m(torch.cat([x, g], 1))[0][:, -new - 1:-1].argmax(-1) for x, g in zip(snippets, base_tokens)]
     print(f"quantized quality on {out_dir.name}/ ({model.num_params() / 1e6:.2f}M, {n_tokens} val tokens, "
           f"{prompts} prompts x {new} greedy tokens; targets: perplexity within 2% (int8) and 10% (int4), int8 "
           f"greedy agreement >= 90%):")
     for mode in Q.MODES:
         qm = Q.quantize(copy.deepcopy(model), mode)
         loss, top = nll(qm)
-        agree = sum((a == b).float().mean().item() for a, b in zip(base_tokens, greedy(qm))) / len(snippets)
         print(f"  {mode}: perplexity {math.exp(loss):.3f} vs float32 {math.exp(base_nll):.3f} "
-              f"({math.exp(loss - base_nll):.4f}x); greedy agreement step by step {stepwise(qm):.3f}, free-running "
-              f"{agree:.3f}; top-1 agreement on the val text {(top == base_top).float().mean().item():.3f}")
+              f"({math.exp(loss - base_nll):.4f}x); greedy agreement step by step {agreement(stepwise(qm)):.3f}, "
+              f"free-running {agreement(greedy(qm)):.3f}; top-1 agreement on the val text {(top == base_top).float().mean().item():.3f}")
 
 
 def _serving_row(config, new_tokens, streams=8):

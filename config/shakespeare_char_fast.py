@@ -1,7 +1,7 @@
 # Our fastest CPU recipe for tiny Shakespeare at the byte level (issue 17): nanoGPT's baby model size (4 layers x
 # 128) in Llama style with modded-nanogpt's tricks: Muon on the blocks' matrices, QK-norm, ReLU^2, a logit soft-cap,
 # zero-initialised output projections, a warmup-stable-decay schedule and 2,048 tokens a step (Newton-Schulz costs
-# the same per step whatever the batch: at 1,024 tokens it was half the step). bench.py train times it against
+# the same per step whatever the batch: at 1,024 tokens it was half the step). bench.py speedrun times it against
 # nanoGPT's own loop; bench.py ablation measures each change alone.
 out_dir = "out-shakespeare-char-fast"
 dataset = "shakespeare"
