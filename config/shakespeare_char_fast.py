@@ -15,6 +15,7 @@ total_batch_size = 2048
 optimizer = "muon"
 weight_decay = 0.1          # (train.py's default run takes more)
 muon_lr = 0.015
+muon_momentum_warmup = 300  # (train.py's default run takes 600)
 learning_rate = 1e-2       # AdamW: embeddings, head, norms (3e-3: 0.03 worse at 140 steps, 2 seeds)
 min_lr = 3e-4
 beta2 = 0.99
