@@ -52,18 +52,16 @@ class QuantLinear(nn.Module):
         self.scales_zeros = torch.stack([scale[..., 0], (lo + 8 * scale)[..., 0]], -1).transpose(0, 1).contiguous().bfloat16()
 
     def forward(self, x):
-        if self.mode == "int8" and x.dtype == torch.float32:
-            # any leading dims as they are: the reshape, cast and view around the kernel cost ~10% of 6L x 384
-            # batch-1 decoding (a token is ~25 calls of ~30 us each)
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-        x2 = x.reshape(-1, self.in_features).float()
         if self.mode == "int8":
-            y = torch.ops.quantized.linear_dynamic(x2, self.packed, True)
-        else:  # bfloat16 activations: the kernel's float32 path is a slow fallback (12x slower here)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), self.packed, GROUP, self.scales_zeros)
-            y = y[:, :self.out_features].float()
-            if self.bias is not None:
-                y = y + self.bias
+            # fbgemm takes any leading dims: a reshape and view around it cost ~10% of 6L x 384 batch-1 decoding
+            # (a token is ~25 calls of ~30 us each)
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
+        # int4: bfloat16 activations (the kernel's float32 path is a slow fallback, 12x slower here)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).bfloat16(), self.packed,
+                                                        GROUP, self.scales_zeros)
+        y = y[:, :self.out_features].float()
+        if self.bias is not None:
+            y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 
