@@ -74,10 +74,10 @@ def _weights_floors(model):
     return floors
 
 
-def _decode_row(name, config, new_tokens, recompute_tokens, hf_class, rounds=3):
-    """Tokens/s of our KV-cache decoding in float32, int8 and int4, and of transformers' generate on the same
-    weights: `rounds` interleaved rounds, each run's best (the VM's speed moves by up to 1.8x within minutes,
-    and interleaving gives every run the same moments)."""
+def _decode_row(name, config, new_tokens, recompute_tokens, hf_class, rounds=3, compiled=False):
+    """Tokens/s of our KV-cache decoding in float32, int8 and int4 (and int8 with the decode step compiled, if
+    `compiled`), and of transformers' generate on the same weights: `rounds` interleaved rounds, each run's best
+    (the VM's speed moves by up to 1.8x within minutes, and interleaving gives every run the same moments)."""
     torch.manual_seed(0)
     model = M.GPT(config).eval()
     prompt = torch.randint(0, config.vocab_size, (1, 16))
@@ -90,6 +90,11 @@ def _decode_row(name, config, new_tokens, recompute_tokens, hf_class, rounds=3):
     runs = {'kv': ours(model)}
     for mode in Q.MODES:  # the same weights quantized (quant.py), batch 1
         runs[mode] = ours(Q.quantize(copy.deepcopy(model), mode))
+    if compiled:  # sample.py --quantize=int8 --compile=True
+        t0 = time.perf_counter()
+        runs['int8 compiled'] = ours(Q.quantize(copy.deepcopy(model), 'int8').compile_decoding())
+        runs['int8 compiled'](3)
+        print(f"  {name}: compiled the int8 decode step in {time.perf_counter() - t0:.1f}s")
     hf = None
     if hf_class is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +160,7 @@ def bench_decode():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; prompt 16 tokens, greedy, float32")
     rows = [
         _decode_row('6L 384w, vocab 4096, 500 new', M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096,
-                                                                block_size=1024), 500, 500, hf_class),
+                                                                block_size=1024), 500, 500, hf_class, compiled=True),
         _decode_row('gpt2 124M, vocab 50257, 200 new', M.GPTConfig(**M.PRESETS['gpt2']), 200, 0, hf_class),
     ]
     targets = {rows[0]['model']: (10, 3), rows[1]['model']: (None, 1.3)}
@@ -164,7 +169,8 @@ def bench_decode():
     for r in rows:
         print(f"  {r['model']:34} float32 {r['kv']:6.1f} tok/s | int8 {r['int8']:6.1f} ({r['int8'] / r['kv']:.2f}x ours"
               + (f", {r['int8'] / r['hf']:.2f}x HF" if r['hf'] else "") + f") | int4 {r['int4']:6.1f} ({r['int4'] / r['kv']:.2f}x ours"
-              + (f", {r['int4'] / r['hf']:.2f}x HF" if r['hf'] else "") + ")")
+              + (f", {r['int4'] / r['hf']:.2f}x HF" if r['hf'] else "") + ")"
+              + (f" | int8 compiled {r['int8 compiled']:6.1f} ({r['int8 compiled'] / r['hf']:.2f}x HF)" if r.get('int8 compiled') and r['hf'] else ""))
     _quant_quality()
     _serving_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 64)
     print(f"{'model':34} {'KV tok/s':>9} {'recompute':>9} {'HF gen':>8} {'KV/recomp':>10} {'KV/HF':>6} "
@@ -221,6 +227,15 @@ def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=32, new=64):
         print(f"  {mode}: perplexity {math.exp(loss):.3f} vs float32 {math.exp(base_nll):.3f} "
               f"({math.exp(loss - base_nll):.4f}x); greedy agreement step by step {agreement(stepwise(qm)):.3f}, "
               f"free-running {agreement(greedy(qm)):.3f}; top-1 agreement on the val text {(top == base_top).float().mean().item():.3f}")
+    # the weights' share of int8's flips: int8's per-channel rounding of every Linear (the head apart from the
+    # embedding it may be tied to, as quant.py does) with float32 activations and matmuls
+    wq = copy.deepcopy(model)
+    for lin in [x for x in wq.modules() if isinstance(x, torch.nn.Linear)]:
+        w = lin.weight.detach()
+        step = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+        lin.weight = torch.nn.Parameter((w / step).round() * step)
+    print(f"  int8's weight rounding alone (float32 activations, simulated): perplexity {math.exp(nll(wq)[0] - base_nll):.4f}x; "
+          f"greedy agreement step by step {agreement(stepwise(wq)):.3f}, free-running {agreement(greedy(wq)):.3f}")
 
 
 def _serving_row(config, new_tokens, streams=8):

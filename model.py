@@ -444,6 +444,13 @@ class GPT(nn.Module):
                     bufs[name] = torch.empty_like(wt, memory_format=torch.contiguous_format)
                 m.weight_t = bufs[name].copy_(wt)
 
+    def compile_decoding(self):
+        """Compile generate()'s one-token step (the first call of each batch shape compiles, ~10-30 s on a CPU).
+        At batch 1 on a CPU a small model's token costs more in per-op calls than in arithmetic, which the
+        compiled step mostly removes (sample.py --compile=True)."""
+        self.decode_step = torch.compile(self._run, dynamic=True)  # dynamic: one graph for every position
+        return self
+
     def kv_cache(self, rows, length, device):
         """An empty KV cache: per layer (k, v), each (rows, n_kv_head, length, head_dim), in the dtype k and v
         come out in (autocast's, when it is on: call this inside it)."""
@@ -474,7 +481,7 @@ class GPT(nn.Module):
                         cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
                         logits = logits.repeat_interleave(num_samples, 0)
                 elif use_cache and n <= bs:
-                    logits = self._run(seq[:, n - 1:n], cache, pos=n - 1, pad=pads)
+                    logits = self.__dict__.get('decode_step', self._run)(seq[:, n - 1:n], cache, pos=n - 1, pad=pads)
                 else:  # no cache, or the window slides: recompute the last block_size tokens
                     start = max(0, n - bs)  # a padded row's positions restart at its first column in the window
                     wpad = None if pads is None else (pads - start).clamp(min=0)

@@ -10,11 +10,15 @@ int4: asymmetric weights per group of 32 inputs (scale and zero as gpt-fast stor
 for _weight_int4pack_mm_for_cpu, which dequantizes inside its matmul; activations go in as bfloat16.
 Two kernels that look right and are not, measured on this 2-core CPU: _weight_int8pack_mm with float
 activations ran 4x slower than float32, and gpt-fast's compiled dequantize-then-matmul 12x slower.
+Batch-1 decoding of a small model is bound by the cost of each op call, not by the matmuls: compiling the
+one-token step (sample.py --compile=True, model.decode_step) makes 6L x 384 int8 ~1.5x faster (bench.py decode).
 
     from quant import quantize
     model = quantize(model, "int8")    # in place; returns the model
 """
+import itertools
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -23,6 +27,15 @@ from common import die
 
 MODES = ("int8", "int4")
 GROUP = 32  # int4: inputs per scale and zero
+
+# torch.compile cannot trace fbgemm's packed weights (a TorchScript object): a graph break at every Linear made
+# compiled decoding slower than eager. Under compile an int8 Linear calls this op instead, which names its
+# QuantLinear by a number, so that the whole decode step is one graph around 25 opaque calls.
+_INT8, _KEYS = weakref.WeakValueDictionary(), itertools.count()  # key -> QuantLinear (int8)
+_LIB = torch.library.Library("nanollm", "DEF")
+_LIB.define("int8_linear(Tensor x, int key, int out_features) -> Tensor")
+_LIB.impl("int8_linear", lambda x, key, n: torch.ops.quantized.linear_dynamic.default(x, _INT8[key].packed, True), "CPU")
+_LIB.impl("int8_linear", lambda x, key, n: x.new_empty(*x.shape[:-1], n), "Meta")  # shapes, for the compiler
 
 
 class QuantLinear(nn.Module):
@@ -41,6 +54,8 @@ class QuantLinear(nn.Module):
                 warnings.simplefilter("ignore")
                 qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+            self.key = next(_KEYS)
+            _INT8[self.key] = self
             return
         n = -(-self.out_features // 16) * 16  # the packing wants whole tiles of 16 rows: zero rows pad it
         w = torch.cat([w, w.new_zeros(n - len(w), w.size(1))]).view(n, -1, GROUP)
@@ -55,6 +70,8 @@ class QuantLinear(nn.Module):
         if self.mode == "int8":
             # fbgemm takes any leading dims: a reshape and view around it cost ~10% of 6L x 384 batch-1 decoding
             # (a token is ~25 calls of ~30 us each)
+            if torch.compiler.is_compiling():
+                return torch.ops.nanollm.int8_linear(x.float(), self.key, self.out_features)
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
         # int4: bfloat16 activations (the kernel's float32 path is a slow fallback, 12x slower here)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).bfloat16(), self.packed,

@@ -5812,6 +5812,32 @@ def test_quant_int8_int4_perplexity_and_greedy_agreement():
         assert ratio < bound and (mode != "int8" or agree >= 0.9), (mode, ratio, agree)
 
 
+def test_quant_compiled_decoding_one_graph_same_tokens():
+    """model.compile_decoding() on the int8 tiny SFT model: the one-token step is a single graph (fbgemm's packed
+    weights reached through quant.py's op, not a graph break per Linear), generate() runs every decode step
+    through it, batch 1 and a ragged batch give eager int8's greedy tokens, and sample.py --compile=True prints
+    what the eager run prints."""
+    import quant as Q
+    m, _, tok = H.load_model("resume", _sft_model()[1], "cpu")
+    q = Q.quantize(m, "int8")
+    prompts = [tok.encode("Rewrite the sentence"), tok.encode("Name three colors.")]
+    cache = q.kv_cache(1, 40, "cpu")
+    with torch.inference_mode():
+        q._run(torch.tensor([prompts[0]]), cache, pos=0)
+        e = torch._dynamo.explain(q._run)(torch.tensor([[5]]), cache, pos=len(prompts[0]))
+    assert e.graph_count == 1 and e.graph_break_count == 0, (e.graph_count, [str(b.reason)[:200] for b in e.break_reasons])
+    greedy = lambda p: torch.stack(list(q.generate(p, 24, temperature=0)), 1).tolist()
+    want = [greedy(torch.tensor([prompts[0]])), greedy(prompts)]
+    compiled, calls = q.compile_decoding().decode_step, []
+    q.decode_step = lambda *a, **k: calls.append(1) or compiled(*a, **k)
+    assert [greedy(torch.tensor([prompts[0]])), greedy(prompts)] == want and len(calls) == 2 * 23, len(calls)
+    args = [f"--out_dir={_sft_model()[1]}", "--quantize=int8", "--start=Name three colors.", "--max_new_tokens=24",
+            "--num_samples=1", "--temperature=0", "--device=cpu"]
+    eager, comp = run_here("sample.py", args), run_here("sample.py", args + ["--compile=True"])
+    assert comp.returncode == 0 and "compiled the decode step" in comp.stderr, comp.stderr[-2000:]
+    assert comp.stdout == eager.stdout and len(eager.stdout) > 20, (eager.stdout, comp.stdout)
+
+
 def test_quant_command_lines():
     """--quantize for eval.py (its results kept apart as 'ckpt.pt (int8)'), sample.py and serve.py; a mode that
     does not exist is one clear line in each, before any model loads."""
