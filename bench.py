@@ -74,10 +74,10 @@ def _weights_floors(model):
     return floors
 
 
-def _decode_row(name, config, new_tokens, recompute_tokens, hf_class, rounds=3, compiled=False):
-    """Tokens/s of our KV-cache decoding in float32, int8 and int4 (and int8 with the decode step compiled, if
-    `compiled`), and of transformers' generate on the same weights: `rounds` interleaved rounds, each run's best
-    (the VM's speed moves by up to 1.8x within minutes, and interleaving gives every run the same moments)."""
+def _decode_row(name, config, new_tokens, recompute_tokens, hf_class, rounds=3, compiled=()):
+    """Tokens/s of our KV-cache decoding in float32, int8 and int4 (and, for the modes in `compiled`, with the
+    decode step compiled), and of transformers' generate on the same weights: `rounds` interleaved rounds, each
+    run's best (the VM's speed moves by up to 1.8x within minutes, and interleaving gives every run the same moments)."""
     torch.manual_seed(0)
     model = M.GPT(config).eval()
     prompt = torch.randint(0, config.vocab_size, (1, 16))
@@ -90,11 +90,12 @@ def _decode_row(name, config, new_tokens, recompute_tokens, hf_class, rounds=3, 
     runs = {'kv': ours(model)}
     for mode in Q.MODES:  # the same weights quantized (quant.py), batch 1
         runs[mode] = ours(Q.quantize(copy.deepcopy(model), mode))
-    if compiled:  # sample.py --quantize=int8 --compile=True
+    for mode in compiled:  # sample.py --compile=True [--quantize=mode] ('kv': float32)
         t0 = time.perf_counter()
-        runs['int8 compiled'] = ours(Q.quantize(copy.deepcopy(model), 'int8').compile_decoding())
-        runs['int8 compiled'](3)
-        print(f"  {name}: compiled the int8 decode step in {time.perf_counter() - t0:.1f}s")
+        m = copy.deepcopy(model) if mode == 'kv' else Q.quantize(copy.deepcopy(model), mode)
+        runs[mode + ' compiled'] = ours(m.compile_decoding())
+        runs[mode + ' compiled'](3)
+        print(f"  {name}: compiled the {'float32' if mode == 'kv' else mode} decode step in {time.perf_counter() - t0:.1f}s")
     hf = None
     if hf_class is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -160,8 +161,8 @@ def bench_decode():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; prompt 16 tokens, greedy, float32")
     rows = [
         _decode_row('6L 384w, vocab 4096, 500 new', M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096,
-                                                                block_size=1024), 500, 500, hf_class, compiled=True),
-        _decode_row('gpt2 124M, vocab 50257, 200 new', M.GPTConfig(**M.PRESETS['gpt2']), 200, 0, hf_class),
+                                                                block_size=1024), 500, 500, hf_class, 5, ('kv', *Q.MODES)),
+        _decode_row('gpt2 124M, vocab 50257, 200 new', M.GPTConfig(**M.PRESETS['gpt2']), 200, 0, hf_class, 3, ('int8',)),
     ]
     targets = {rows[0]['model']: (10, 3), rows[1]['model']: (None, 1.3)}
     fmt = lambda v, spec: '-' if v is None else format(v, spec)
@@ -170,7 +171,10 @@ def bench_decode():
         print(f"  {r['model']:34} float32 {r['kv']:6.1f} tok/s | int8 {r['int8']:6.1f} ({r['int8'] / r['kv']:.2f}x ours"
               + (f", {r['int8'] / r['hf']:.2f}x HF" if r['hf'] else "") + f") | int4 {r['int4']:6.1f} ({r['int4'] / r['kv']:.2f}x ours"
               + (f", {r['int4'] / r['hf']:.2f}x HF" if r['hf'] else "") + ")"
-              + (f" | int8 compiled {r['int8 compiled']:6.1f} ({r['int8 compiled'] / r['hf']:.2f}x HF)" if r.get('int8 compiled') and r['hf'] else ""))
+              + ("\n    decode step compiled:" + " |".join(f" {m} {r[k + ' compiled']:6.1f} ({r[k + ' compiled'] / r['hf']:.2f}x HF)"
+                                                     for m, k in (('float32', 'kv'), ('int8', 'int8'), ('int4', 'int4'))
+                                                     if k + ' compiled' in r)
+                 if r['hf'] and any(k.endswith(' compiled') for k in r) else ""))
     _quant_quality()
     _serving_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 64)
     print(f"{'model':34} {'KV tok/s':>9} {'recompute':>9} {'HF gen':>8} {'KV/recomp':>10} {'KV/HF':>6} "

@@ -445,9 +445,9 @@ class GPT(nn.Module):
                 m.weight_t = bufs[name].copy_(wt)
 
     def compile_decoding(self):
-        """Compile generate()'s one-token step (the first call of each batch shape compiles, ~10-30 s on a CPU).
-        At batch 1 on a CPU a small model's token costs more in per-op calls than in arithmetic, which the
-        compiled step mostly removes (sample.py --compile=True)."""
+        """Compile generate()'s one-token step: its first call compiles (~10-30 s on a CPU), and again for another
+        kind of batch (one row, several, ragged). At batch 1 on a CPU a small model's token costs more in per-op
+        calls than in arithmetic, which the compiled step mostly removes (sample.py --compile=True)."""
         self.decode_step = torch.compile(self._run, dynamic=True)  # dynamic: one graph for every position
         return self
 

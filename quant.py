@@ -11,7 +11,7 @@ for _weight_int4pack_mm_for_cpu, which dequantizes inside its matmul; activation
 Two kernels that look right and are not, measured on this 2-core CPU: _weight_int8pack_mm with float
 activations ran 4x slower than float32, and gpt-fast's compiled dequantize-then-matmul 12x slower.
 Batch-1 decoding of a small model is bound by the cost of each op call, not by the matmuls: compiling the
-one-token step (sample.py --compile=True, model.decode_step) makes 6L x 384 int8 ~1.5x faster (bench.py decode).
+one-token step (sample.py --compile=True, model.compile_decoding) makes 6L x 384 int8 1.3-1.5x faster (bench.py decode).
 
     from quant import quantize
     model = quantize(model, "int8")    # in place; returns the model
