@@ -187,6 +187,15 @@ def pick_device(device="auto"):
     return "cpu"
 
 
+def check_compiler(device):
+    """torch.compile on a CPU builds C++ with the system's compiler: without one it fails deep inside inductor,
+    so say it before any work starts."""
+    import shutil
+    cxx = os.environ.get("CXX")
+    if str(device).startswith("cpu") and not any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"]):
+        die("--compile=True on a CPU needs a C++ compiler (g++ or clang++; apt-get install g++), or leave --compile off")
+
+
 def setup_ddp(device="auto", seed=1337):
     """Under torchrun: init the process group (nccl on CUDA, gloo on CPU) and pin this rank's device.
     Seeds torch with seed + rank (dropout differs per rank; data order is the scripts' own generators)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common import configure, die, pick_device, precision
+from common import check_compiler, configure, die, pick_device, precision
 from hf import load_model
 from quant import check_mode, for_decoding
 
@@ -43,6 +43,8 @@ if temperature < 0 or (top_k is not None and top_k < 1) or not 0 < top_p <= 1:
     die(f"need temperature >= 0, top_k >= 1 or None, 0 < top_p <= 1 (got {temperature}, {top_k}, {top_p})")
 check_mode(quantize)
 device = pick_device(device)
+if compile:
+    check_compiler(device)
 model, ckpt, tok = load_model(init_from, out_dir, device)
 model = for_decoding(model.eval(), quantize, device)
 if compile:

@@ -5818,6 +5818,8 @@ def test_quant_compiled_decoding_one_graph_same_tokens():
     through it, batch 1 and a ragged batch give eager int8's greedy tokens, and sample.py --compile=True prints
     what the eager run prints."""
     import quant as Q
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise unittest.SkipTest("torch.compile on a CPU needs a C++ compiler (apt-get install g++)")
     m, _, tok = H.load_model("resume", _sft_model()[1], "cpu")
     q = Q.quantize(m, "int8")
     prompts = [tok.encode("Rewrite the sentence"), tok.encode("Name three colors.")]
@@ -5836,6 +5838,18 @@ def test_quant_compiled_decoding_one_graph_same_tokens():
     eager, comp = run_here("sample.py", args), run_here("sample.py", args + ["--compile=True"])
     assert comp.returncode == 0 and "compiled the decode step" in comp.stderr, comp.stderr[-2000:]
     assert comp.stdout == eager.stdout and len(eager.stdout) > 20, (eager.stdout, comp.stdout)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line():
+    """--compile=True on a CPU with no C++ compiler on PATH (torch.compile would fail deep inside inductor):
+    sample.py and train.py each say so in one line, exit 2, before any work (train.py writes nothing)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"PATH": tmp, "CXX": ""}
+        p = run(["sample.py", f"--out_dir={_sft_model()[1]}", "--compile=True", "--device=cpu"], env=env)
+        assert_clear_error(p, "--compile=True", "C++ compiler")
+        p = run(["train.py", f"--out_dir={tmp}/out", "--compile=True", "--device=cpu"], env=env)
+        assert_clear_error(p, "--compile=True", "C++ compiler")
+        assert not Path(tmp, "out").exists()
 
 
 def test_quant_command_lines():

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import (StepChecks, accumulate_gradients, check_optimizer, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
+from common import (StepChecks, accumulate_gradients, check_compiler, check_optimizer, configure, die, end_ddp, fmt_time, get_lr, grad_scaler,
                     load_checkpoint, make_optimizer, metrics_log, optimizer_step, precision, restore_rng, rng_states,
                     save_checkpoint, setup_ddp)
 import parallel
@@ -134,6 +134,8 @@ scaler = grad_scaler(dtype, device)
 check_optimizer(optimizer, on_mesh, scaler is not None)
 if compile is None:
     compile = device_type == "cuda"
+if compile:
+    check_compiler(device_type)
 out = Path(out_dir)
 # one process and DDP write out/ckpt.pt; FSDP writes out/ckpt/, a sharded DCP directory (parallel.save_sharded)
 ckpt_path = out / ("ckpt" if on_mesh else "ckpt.pt")
