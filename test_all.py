@@ -52,10 +52,12 @@ import tokenizer as T
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
 PY = sys.executable
-_TMP = tempfile.mkdtemp(prefix="fromscratch-tests-")  # scratch space of the config/train tests
+# every scratch folder of a run lives under one, removed when the run ends (KEEP_TEST_TMP=1 keeps it to look at)
+RUN_TMP = tempfile.mkdtemp(prefix="fromscratch-test-run-")
+_TMP = tempfile.mkdtemp(prefix="fromscratch-tests-", dir=RUN_TMP)  # scratch space of the config/train tests
 # the eval tests' own scratch space: they prepare a dataset into EVAL_TMP / "data", which must stay apart from
 # tiny_data()'s
-EVAL_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-eval-tests-"))
+EVAL_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-eval-tests-", dir=RUN_TMP))
 
 
 # ----- helpers shared by the tests -----
@@ -784,7 +786,7 @@ def test_train_bad_inputs_exit_2_and_keep_checkpoint():
 
 import parallel
 
-PAR_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-parallel-tests-"))
+PAR_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-parallel-tests-", dir=RUN_TMP))
 PAR_ARGS = ["--max_iters=12", "--eval_interval=4", "--total_batch_size=512", "--eval_iters=3"]  # 3: uneven over 2 ranks
 
 
@@ -1235,7 +1237,7 @@ def test_plan_cli_layouts_commands_and_config():
     """7B on 8xH100 fits (FSDP + AC) and prints the one-node torchrun line; --write_config writes a file that
     train.py's configure takes (its keys and types); 70B on 8xH100 fits in
     no layout and names the GPU count that does, which plan.py itself confirms; 64 GPUs give the multi-node line."""
-    out = Path(tempfile.mkdtemp(prefix="plan-tests-"))
+    out = Path(tempfile.mkdtemp(prefix="plan-tests-", dir=RUN_TMP))
     p = plan_run(["--gpus=8xH100", "--model=7B", f"--write_config={out / 'c.py'}"])
     assert "simplest layout that fits: FSDP + AC (dp_shard=8, tp=1, pp=1, activation_checkpointing=True)" in p.stdout
     assert "6,738,415,616 parameters" in p.stdout
@@ -3812,7 +3814,7 @@ def test_eval_cli_hf_gpt2_import():
 
 import sandbox as S
 
-CODE_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-code-tests-"))
+CODE_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-code-tests-", dir=RUN_TMP))
 
 
 def humaneval_items():
@@ -4276,7 +4278,7 @@ def test_code_sandbox_survives_all_in_parallel():
 
 # ----- finetune / dpo / chat: finetune.py, dpo.py, chat_data.py, sample.py --chat -----
 
-FT_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-ft-tests-"))
+FT_TMP = Path(tempfile.mkdtemp(prefix="fromscratch-ft-tests-", dir=RUN_TMP))
 
 
 def ft_run(args, timeout=180):
@@ -5266,7 +5268,7 @@ def test_rl_reward_model_and_rl_command_lines():
     function of your own: each writes a checkpoint, and metrics.jsonl with TRL's names; and each mistake is one
     clear line (exit 2): no chat tokens (run SFT first), a reward model of another tokenizer, a --reward that
     cannot be imported or returns a non-number, fewer than 2 generations, PPO without a reward model."""
-    d = Path(tempfile.mkdtemp(prefix="rl-tests-"))
+    d = Path(tempfile.mkdtemp(prefix="rl-tests-", dir=RUN_TMP))
     base = tiny_base(d / "base")
     ft_run(["finetune.py", f"--init_from={base}", f"--out_dir={d / 'sft'}", f"--data={shared_file('instruction-data.json')}",
             "--max_iters=2", "--eval_interval=2", "--device=cpu", "--max_examples=32", "--eval_examples=4",
@@ -6100,6 +6102,16 @@ def main(argv):
     pattern = argv[argv.index("-k") + 1] if "-k" in argv else ""
     stop_first = "-x" in argv
     os.chdir(ROOT)
+    try:
+        return _run_tests(pattern, stop_first)
+    finally:
+        if os.environ.get("KEEP_TEST_TMP"):
+            print(f"scratch files kept in {RUN_TMP}", file=sys.stderr)
+        else:
+            shutil.rmtree(RUN_TMP, ignore_errors=True)
+
+
+def _run_tests(pattern, stop_first):
     passed = failed = skipped = 0
     t_all = time.time()
     for name, fn in _collect():
