@@ -6102,16 +6102,6 @@ def main(argv):
     pattern = argv[argv.index("-k") + 1] if "-k" in argv else ""
     stop_first = "-x" in argv
     os.chdir(ROOT)
-    try:
-        return _run_tests(pattern, stop_first)
-    finally:
-        if os.environ.get("KEEP_TEST_TMP"):
-            print(f"scratch files kept in {RUN_TMP}", file=sys.stderr)
-        else:
-            shutil.rmtree(RUN_TMP, ignore_errors=True)
-
-
-def _run_tests(pattern, stop_first):
     passed = failed = skipped = 0
     t_all = time.time()
     for name, fn in _collect():
@@ -6138,4 +6128,11 @@ def _run_tests(pattern, stop_first):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+    finally:  # (not in main(), which a test runs too)
+        if os.environ.get("KEEP_TEST_TMP"):
+            print(f"scratch files kept in {RUN_TMP}", file=sys.stderr)
+        else:
+            shutil.rmtree(RUN_TMP, ignore_errors=True)
+    sys.exit(code)
