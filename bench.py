@@ -170,11 +170,11 @@ def bench_decode():
     for r in rows:
         print(f"  {r['model']:34} float32 {r['kv']:6.1f} tok/s | int8 {r['int8']:6.1f} ({r['int8'] / r['kv']:.2f}x ours"
               + (f", {r['int8'] / r['hf']:.2f}x HF" if r['hf'] else "") + f") | int4 {r['int4']:6.1f} ({r['int4'] / r['kv']:.2f}x ours"
-              + (f", {r['int4'] / r['hf']:.2f}x HF" if r['hf'] else "") + ")"
-              + ("\n    decode step compiled:" + " |".join(f" {m} {r[k + ' compiled']:6.1f} ({r[k + ' compiled'] / r['hf']:.2f}x HF)"
-                                                     for m, k in (('float32', 'kv'), ('int8', 'int8'), ('int4', 'int4'))
-                                                     if k + ' compiled' in r)
-                 if r['hf'] and any(k.endswith(' compiled') for k in r) else ""))
+              + (f", {r['int4'] / r['hf']:.2f}x HF" if r['hf'] else "") + ")")
+        compiled = [f" {m} {r[k + ' compiled']:6.1f} ({r[k + ' compiled'] / r['hf']:.2f}x HF)"
+                    for m, k in (('float32', 'kv'), ('int8', 'int8'), ('int4', 'int4')) if k + ' compiled' in r]
+        if compiled and r['hf']:
+            print("    decode step compiled:" + " |".join(compiled))
     _quant_quality()
     _serving_row(M.GPTConfig(n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=1024), 64)
     print(f"{'model':34} {'KV tok/s':>9} {'recompute':>9} {'HF gen':>8} {'KV/recomp':>10} {'KV/HF':>6} "
@@ -235,8 +235,7 @@ def _quant_quality(out_dir=ROOT / "out", n_tokens=20_000, prompts=32, new=64):
     # embedding it may be tied to, as quant.py does) with float32 activations and matmuls
     wq = copy.deepcopy(model)
     for lin in [x for x in wq.modules() if isinstance(x, torch.nn.Linear)]:
-        w = lin.weight.detach()
-        step = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+        w, step = lin.weight.detach(), Q.int8_scales(lin.weight.detach())[:, None]
         lin.weight = torch.nn.Parameter((w / step).round() * step)
     print(f"  int8's weight rounding alone (float32 activations, simulated): perplexity {math.exp(nll(wq)[0] - base_nll):.4f}x; "
           f"greedy agreement step by step {agreement(stepwise(wq)):.3f}, free-running {agreement(greedy(wq)):.3f}")

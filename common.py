@@ -187,12 +187,16 @@ def pick_device(device="auto"):
     return "cpu"
 
 
+def cpp_compiler():
+    """The C++ compiler torch.compile's CPU code would be built with ($CXX, g++, c++ or clang++ on PATH), or None."""
+    import shutil
+    return next(filter(None, (shutil.which(c) for c in [os.environ.get("CXX") or "g++", "g++", "c++", "clang++"])), None)
+
+
 def check_compiler(device):
     """torch.compile on a CPU builds C++ with the system's compiler: without one it fails deep inside inductor,
     so say it before any work starts."""
-    import shutil
-    cxx = os.environ.get("CXX")
-    if str(device).startswith("cpu") and not any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"]):
+    if str(device).startswith("cpu") and not cpp_compiler():
         die("--compile=True on a CPU needs a C++ compiler (g++ or clang++; apt-get install g++), or leave --compile off")
 
 

@@ -471,6 +471,7 @@ class GPT(nn.Module):
             seq[:, :T0] = idx.repeat_interleave(num_samples, dim=0)
             pads = pad.repeat_interleave(num_samples) if pad is not None else None
         cache, n = None, T0  # n = tokens in seq; the cache (when used) holds seq[:, :n-1]
+        step = self.__dict__.get('decode_step', self._run)  # compile_decoding() sets it
         for _ in range(max_new_tokens):
             with torch.inference_mode():
                 if use_cache and n <= bs and cache is None:
@@ -481,7 +482,7 @@ class GPT(nn.Module):
                         cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
                         logits = logits.repeat_interleave(num_samples, 0)
                 elif use_cache and n <= bs:
-                    logits = self.__dict__.get('decode_step', self._run)(seq[:, n - 1:n], cache, pos=n - 1, pad=pads)
+                    logits = step(seq[:, n - 1:n], cache, pos=n - 1, pad=pads)
                 else:  # no cache, or the window slides: recompute the last block_size tokens
                     start = max(0, n - bs)  # a padded row's positions restart at its first column in the window
                     wpad = None if pads is None else (pads - start).clamp(min=0)

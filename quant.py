@@ -38,6 +38,11 @@ _LIB.impl("int8_linear", lambda x, key, n: torch.ops.quantized.linear_dynamic.de
 _LIB.impl("int8_linear", lambda x, key, n: x.new_empty(*x.shape[:-1], n), "Meta")  # shapes, for the compiler
 
 
+def int8_scales(w):
+    """int8's symmetric per-output-channel step of a weight (out, in): the row's largest magnitude maps to 127."""
+    return (w.abs().amax(1) / 127).clamp(min=1e-12)
+
+
 class QuantLinear(nn.Module):
     """A Linear's weights quantized (mode 'int8' or 'int4'); forward takes and returns float32."""
 
@@ -49,7 +54,7 @@ class QuantLinear(nn.Module):
         # generate() asks the head for its device and dtype: an empty float32 tensor tells them
         self.register_buffer("weight", torch.empty(0), persistent=False)
         if mode == "int8":
-            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+            scale = int8_scales(w)
             with warnings.catch_warnings():  # (quantized tensors are deprecated; the packed kernel is the point)
                 warnings.simplefilter("ignore")
                 qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)

@@ -5820,7 +5820,8 @@ def test_quant_compiled_decoding_one_graph_same_tokens():
     through it, batch 1 and a ragged batch give eager int8's greedy tokens, and sample.py --compile=True prints
     what the eager run prints."""
     import quant as Q
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    from common import cpp_compiler
+    if not cpp_compiler():
         raise unittest.SkipTest("torch.compile on a CPU needs a C++ compiler (apt-get install g++)")
     m, _, tok = H.load_model("resume", _sft_model()[1], "cpu")
     q = Q.quantize(m, "int8")
